@@ -1,0 +1,335 @@
+"""Llama-family transformer with a static KV cache, written for batch-1 latency.
+
+Shapes use these names everywhere:
+  B batch, S tokens in this forward, T cache slots (max_seq_length), D model dim,
+  H query heads, KV key/value heads, hd head dim, V vocab.
+
+One forward serves prefill, decode and EAGLE tree verification. The caller says, for every token,
+  * `input_pos` [S]: its RoPE position,
+  * `cache_pos` [S]: the KV-cache slot it is written to (defaults to input_pos),
+  * `mask` [1, 1, S, T] (bool, True = may attend): defaults to causal by slot.
+Tree verification writes N tokens to consecutive slots L..L+N-1, rotates them by L + depth, and passes
+mask = (slot < L) | tree_mask; `copy_slots` then moves the accepted rows down (no re-rotation needed
+because a node's depth equals its final position offset).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    vocab_size: int = 32000
+    intermediate_size: int = 11008
+    head_dim: int = 0  # 0 = dim // n_heads
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: dict | None = (
+        None  # Llama-3.1: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    )
+    max_seq_len: int = 4096  # the model's context length
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2-style bias on q/k/v
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelArgs:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelArgs:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_L31_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+PRESETS: dict[str, dict] = {
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008),
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, intermediate_size=13824),
+    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                       vocab_size=128256, rope_base=500000.0, max_seq_len=8192),
+    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
+                        vocab_size=128256, rope_base=500000.0, max_seq_len=8192),
+    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                         vocab_size=128256, rope_base=500000.0, max_seq_len=131072, rope_scaling=_L31_SCALING),
+    "llama-3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
+                          vocab_size=128256, rope_base=500000.0, max_seq_len=131072, rope_scaling=_L31_SCALING),
+    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                       rope_base=1000000.0, max_seq_len=32768),
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536, vocab_size=49152,
+                         rope_base=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560, vocab_size=49152,
+                         rope_base=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192, vocab_size=49152,
+                         rope_base=130000.0, max_seq_len=8192, tie_embeddings=True),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, vocab_size=256, max_seq_len=512),
+}  # fmt: skip
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, slots: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch, n_kv_heads, slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, cache_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # cache_pos: [S]; k, v: [B, KV, S, hd]
+        self.k.index_copy_(2, cache_pos, k)
+        self.v.index_copy_(2, cache_pos, v)
+        return self.k, self.v
+
+    def copy_slots(self, src: Tensor, dst: Tensor) -> None:
+        # Gather first, then write: the ranges may overlap.
+        self.k.index_copy_(2, dst, self.k.index_select(2, src))
+        self.v.index_copy_(2, dst, self.v.index_select(2, src))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    """Inverse frequencies [hd/2], with Llama-3.1 scaling when configured (same as HF's 'llama3' rope)."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = args.rope_scaling
+    if not s:
+        return inv_freq.float()
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled).float()
+
+
+def rope_table(args: ModelArgs, n_pos: int) -> Tensor:
+    """[n_pos, 2, hd]: cos and sin per position, rotate-half (HF) layout."""
+    t = torch.arange(n_pos, dtype=torch.float32)
+    freqs = torch.outer(t, rope_inv_freq(args))  # [n_pos, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [n_pos, hd]
+    return torch.stack([emb.cos(), emb.sin()], dim=1)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    # x: [B, heads, S, hd]; rope: [S, 2, hd] (float32)
+    cos, sin = rope[:, 0], rope[:, 1]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, cache_pos: Tensor, mask: Tensor) -> Tensor:
+        B, S, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q = q.view(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
+        k = k.view(B, S, KV, hd).transpose(1, 2)  # [B, KV, S, hd]
+        v = v.view(B, S, KV, hd).transpose(1, 2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        k, v = self.kv_cache.update(cache_pos, k, v)  # [B, KV, T, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)  # [B, H, S, hd]
+        return self.wo(y.transpose(1, 2).reshape(B, S, H * hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, rope: Tensor, cache_pos: Tensor, mask: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, cache_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_seq_length = 0
+        self.register_buffer("rope", torch.empty(0, 2, args.head_dim), persistent=False)
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate the KV cache once: [max_batch_size, KV, max_seq_length, hd] per layer."""
+        if max_seq_length > self.args.max_seq_len:
+            raise ValueError(f"{max_seq_length} cache slots exceed the model's context of {self.args.max_seq_len}")
+        dtype = dtype or self.norm.weight.dtype
+        device = self.norm.weight.device
+        for layer in self.layers:
+            a = self.args
+            layer.attention.kv_cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_length, a.head_dim, dtype).to(
+                device
+            )
+        self.rope = rope_table(self.args, max_seq_length).to(device)
+        self.max_seq_length = max_seq_length
+
+    def causal_mask(self, cache_pos: Tensor) -> Tensor:
+        """[1, 1, S, T]: token s sees slots <= cache_pos[s]."""
+        slots = torch.arange(self.max_seq_length, device=cache_pos.device)
+        return (slots[None, :] <= cache_pos[:, None])[None, None]
+
+    def features(self, tokens: Tensor, input_pos: Tensor, cache_pos: Tensor | None = None, mask: Tensor | None = None):
+        """The post-norm hidden state [B, S, D]: the LM head's input, and the feature EAGLE consumes."""
+        # tokens: [B, S]; input_pos, cache_pos: [S]; mask: [1, 1, S, T]
+        cache_pos = input_pos if cache_pos is None else cache_pos
+        mask = self.causal_mask(cache_pos) if mask is None else mask
+        rope = self.rope[input_pos]  # [S, 2, hd]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, rope, cache_pos, mask)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, cache_pos=None, mask=None, return_hidden: bool = False):
+        h = self.features(tokens, input_pos, cache_pos, mask)
+        logits = self.output(h)  # [B, S, V]
+        return (logits, h) if return_hidden else logits
+
+    def copy_slots(self, src: Tensor, dst: Tensor) -> None:
+        """Move KV rows src -> dst (both [n]) in every layer: compaction of an accepted tree path."""
+        for layer in self.layers:
+            layer.attention.kv_cache.copy_slots(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: <dir>/config.json (ModelArgs) + <dir>/model.pth (state dict, or {"state_dict", "quantization"}).
+
+
+class CheckpointError(Exception):
+    """A user-facing problem with a checkpoint (missing file, wrong shapes, ...)."""
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """Accept a checkpoint folder or a .pth inside one; return (folder, weights file)."""
+    p = Path(path)
+    if p.is_dir():
+        folder, weights = p, p / "model.pth"
+    else:
+        folder, weights = p.parent, p
+    if not weights.exists():
+        raise CheckpointError(f"checkpoint not found: {weights}")
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"no config.json beside {weights}")
+    return folder, weights
+
+
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build the model from config.json and load weights (plain or quantized) onto `device` in `dtype`."""
+    folder, weights = resolve_checkpoint(path)
+    try:
+        args = ModelArgs.from_json(folder / "config.json")
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"bad config.json in {folder}: {e}") from None
+    try:
+        ckpt = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt file can raise many things
+        raise CheckpointError(f"cannot read {weights}: {e}") from None
+    quant = None
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        quant, ckpt = ckpt.get("quantization"), ckpt["state_dict"]
+    with torch.device("meta"):
+        model = Transformer(args)
+    if quant:
+        import quantize  # noqa: PLC0415 - only needed for quantized checkpoints
+
+        quantize.swap_linears(model, quant)
+    if args.tie_embeddings:
+        ckpt.pop("output.weight", None)
+    try:
+        model.load_state_dict(ckpt, assign=True, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights} does not match its config.json: {str(e).splitlines()[0]}") from None
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope = torch.empty(0, 2, args.head_dim)
+    model = model.to(device=device)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and "scales" not in name and "zeros" not in name:
+            t.data = t.data.to(dtype)
+    if quant:
+        quantize.prepare_for_device(model, quant)
+    return model.eval().requires_grad_(False)
+
+
+def save_checkpoint(folder: str | Path, args: ModelArgs, state_dict: dict) -> None:
+    """Write config.json and model.pth atomically (temporary file, then rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "model.pth.tmp"
+    torch.save(state_dict, tmp)
+    tmp.replace(folder / "model.pth")
+    cfg = folder / "config.json.tmp"
+    cfg.write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+    cfg.replace(folder / "config.json")
