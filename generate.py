@@ -1,0 +1,627 @@
+"""Batch-1 generation: prefill, a compiled decode loop, and EAGLE speculative decoding.
+
+    python generate.py --checkpoint checkpoints/SmolLM2-135M-Instruct --prompt "Hello"
+    python generate.py --checkpoint checkpoints/SmolLM2-135M-Instruct --eagle --prompt "Hello"
+
+Decode loop design (both plain and EAGLE): every step/round reads and writes device tensors only, so the next
+step can be launched before the host looks at the previous one. The host reads each step's tokens through a
+pinned buffer and a CUDA event (`Pipe`), one read per step/round, and stops on EOS or the token budget; the one
+step launched past the stop is simply discarded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from draft import EagleHead, draft_tree, load_head
+from model import CheckpointError, Transformer, load_model
+from tokenizer import StreamDecoder, Tokenizer, TokenizerError, load_tokenizer
+from tree import Tree, TreeError, build_tree, parse_tree_spec, target_tree_mask, verify
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with a non-zero exit."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling. `Sampling` is fixed for a run, so compiled functions specialise on it (no per-step guards change).
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def logits_to_probs(logits: Tensor, s: Sampling) -> Tensor:
+    """Processed target distribution. logits: [..., V] -> probs [..., V] (float32)."""
+    logits = logits.float() / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest prefix with mass >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(logits: Tensor, s: Sampling) -> Tensor:
+    """One token per row without a host sync. logits: [..., V] -> ids [...] (int64)."""
+    if s.greedy:
+        return logits.argmax(-1)
+    probs = logits_to_probs(logits, s)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) picks index i with probability p_i.
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain decoding.
+
+
+def prefill(model: Transformer, tokens: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
+    """tokens: [1, P] at positions 0..P-1 -> (next token [1, 1], post-norm hidden [1, P, D])."""
+    pos = torch.arange(tokens.size(1), device=tokens.device)
+    h = model.features(tokens, pos)
+    logits = model.output(h[:, -1:])  # only the last position's logits are needed
+    return sample(logits, s), h
+
+
+def decode_step(model: Transformer, token: Tensor, pos: Tensor, s: Sampling) -> Tensor:
+    """token: [1, 1] at RoPE position/slot pos [1] -> next token [1, 1]."""
+    return sample(model(token, pos), s)
+
+
+class Pipe:
+    """Reads small device tensors on the host one step late, so the GPU never waits for the host.
+
+    push(t) queues a copy into pinned memory and records an event; pop() waits for the oldest copy only.
+    On the CPU it is a plain copy.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.queue: list[tuple[Tensor, torch.cuda.Event | None]] = []
+
+    def push(self, t: Tensor) -> None:
+        if not self.cuda:
+            self.queue.append((t.clone(), None))
+            return
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.queue.append((host, ev))
+
+    def pop(self) -> Tensor:
+        host, ev = self.queue.pop(0)
+        if ev is not None:
+            ev.synchronize()
+        return host
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+
+@dataclass
+class Result:
+    output_ids: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    stats: dict = field(default_factory=dict)  # EAGLE: accept_len_mean, accept_hist, rounds, ...
+
+
+class Emitter:
+    """Collects emitted tokens, enforces eos / max_new_tokens exactly, and streams text."""
+
+    def __init__(self, max_new: int, stop_ids: set[int], ignore_eos: bool, on_text=None, tok: Tokenizer | None = None):
+        self.max_new, self.stop_ids, self.ignore_eos = max_new, stop_ids, ignore_eos
+        self.ids: list[int] = []
+        self.done = max_new <= 0
+        self.stream = StreamDecoder(tok) if (on_text and tok) else None
+        self.on_text = on_text
+
+    def add(self, ids: list[int]) -> None:
+        for t in ids:
+            if self.done:
+                return
+            self.ids.append(t)
+            if self.stream:
+                self.on_text(self.stream.push([t]))
+            if len(self.ids) >= self.max_new or (not self.ignore_eos and t in self.stop_ids):
+                self.done = True
+
+
+class Generator:
+    """Plain decoding for one run: the model, its cache, the compiled step (fixed sampling, fixed cache size).
+
+    `generate` is the decode loop for plain and EAGLE decoding alike: `_start` runs the prompt and returns the
+    first token(s), `_launch` queues one more step/round on the device; both return a small device tensor that
+    the host reads one step late. `_tokens` turns what was read into the emitted token ids.
+    """
+
+    tokens_per_launch = 1  # at most this many tokens come out of one `_launch`
+
+    def __init__(self, model: Transformer, sampling: Sampling, max_seq_length: int, compile: bool = False,
+                 compile_prefill: bool = False):  # fmt: skip
+        self.model, self.sampling = model, sampling
+        self.device = model.norm.weight.device
+        model.setup_caches(1, max_seq_length)
+        self.max_seq_length = max_seq_length
+        self.step = compile_step(decode_step, self.device) if compile else decode_step
+        self.prefill = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
+
+    def _start(self, prompt: Tensor) -> Tensor:
+        self.token, _ = self.prefill(self.model, prompt, self.sampling)  # [1, 1]
+        self.pos = torch.tensor([prompt.size(1)], device=self.device)
+        return self.token
+
+    def _launch(self) -> Tensor:
+        self.token = self.step(self.model, self.token.clone(), self.pos, self.sampling)
+        self.pos += 1
+        return self.token
+
+    def _tokens(self, host: Tensor) -> list[int]:
+        return host.flatten().tolist()
+
+    def _stats(self) -> dict:
+        return {}
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new: int, stop_ids: set[int], ignore_eos=False, on_text=None,
+                 tok=None) -> Result:  # fmt: skip
+        if len(prompt) + max_new > self.max_seq_length:
+            raise UserError(f"prompt ({len(prompt)} tokens) + max new tokens ({max_new}) exceed the cache "
+                            f"({self.max_seq_length} slots)")  # fmt: skip
+        out = Emitter(max_new, stop_ids, ignore_eos, on_text, tok)
+        sync(self.device)
+        t0 = time.perf_counter()
+        pipe = Pipe(self.device)
+        pipe.push(self._start(torch.tensor([prompt], device=self.device)))
+        t_prefill = time.perf_counter() - t0
+        # Launch one step/round ahead of the host, but never past max_new tokens in all, so the cache cannot overflow.
+        while not out.done:
+            if len(pipe) == 0 or len(out.ids) + len(pipe) * self.tokens_per_launch < max_new:
+                pipe.push(self._launch())
+            out.add(self._tokens(pipe.pop()))
+        sync(self.device)
+        return Result(out.ids, time.perf_counter() - t0, t_prefill, self._stats())
+
+
+class EagleState(torch.nn.Module):
+    """Device-resident state carried between EAGLE rounds (module buffers: static addresses for CUDA graphs).
+
+    L [1]: committed target length; the root t_L (last emitted token, not yet in the target cache) is tokens[n-1].
+    tokens [R], feats [R, D], n [1]: the last round's emitted tokens and the target features before each of them,
+    i.e. the draft pairs to catch up on. node_tokens [N]: this round's draft tree.
+    """
+
+    def __init__(self, R: int, N: int, dim: int, device, dtype):
+        super().__init__()
+        z = lambda *shape, dt=torch.long: torch.zeros(shape, dtype=dt, device=device)
+        for name, t in dict(L=z(1), n=z(1), tokens=z(R), feats=z(R, dim, dt=dtype), node_tokens=z(N)).items():
+            self.register_buffer(name, t, persistent=False)
+
+
+def eagle_draft(head: EagleHead, target: Transformer, tree: Tree, st: EagleState) -> None:
+    st.node_tokens.copy_(draft_tree(head, target, tree, st.L, st.tokens, st.feats, st.n))
+
+
+def eagle_verify(target: Transformer, tree: Tree, st: EagleState, s: Sampling) -> Tensor:
+    """One target forward over the N tree tokens, acceptance, KV compaction. Returns [R + 1]: tokens, count."""
+    N, R, dev = tree.N, tree.D + 1, st.L.device
+    pos = st.L + tree.depth  # RoPE position = committed length + depth: [N]
+    slots = st.L + torch.arange(N, device=dev)  # consecutive cache slots: [N]
+    mask = target_tree_mask(tree.ancestors, st.L, target.max_seq_length)  # [1, 1, N, T]
+    logits, h = target(st.node_tokens[None], pos, slots, mask, return_hidden=True)  # [1, N, V], [1, N, D]
+    choice = sample(logits[0], s)  # the target's token at every node: [N]
+    best, acc = verify(st.node_tokens, choice, tree)
+    path = tree.path_nodes.index_select(0, best)[0]  # root .. best, padded with best: [R]
+    j = torch.arange(R, device=dev)
+    target.copy_slots(st.L + path, st.L + j)  # accepted rows down to L .. L+acc (rows past acc are junk)
+    path_tokens = st.node_tokens[path]
+    bonus = choice.index_select(0, best)  # [1]
+    emitted = torch.where(j < acc, torch.roll(path_tokens, -1), bonus)  # accepted drafts, then the bonus
+    st.feats.copy_(h[0, path])
+    st.tokens.copy_(emitted)
+    st.n.copy_(acc + 1)
+    st.L.add_(acc + 1)
+    return torch.cat([emitted, acc + 1])
+
+
+class EagleGenerator(Generator):
+    """EAGLE speculative decoding: per round, draft a tree (compiled), verify it with one target forward (compiled),
+    keep the longest accepted path. Lossless: see tree.verify."""
+
+    def __init__(self, model: Transformer, head: EagleHead, tree: Tree, sampling: Sampling, need: int,
+                 compile: bool = False, compile_prefill: bool = False):  # fmt: skip
+        R, N = tree.D + 1, tree.N
+        # A launched-ahead round may start up to R tokens past the budget and writes N slots from there.
+        super().__init__(model, sampling, round_up(need + 2 * R + N, 64), compile, compile_prefill)
+        self.head, self.tree, self.tokens_per_launch = head, tree.to(self.device), R
+        head.setup_cache(self.max_seq_length, N - 1)
+        self.state = EagleState(R, N, model.args.dim, self.device, model.norm.weight.dtype)
+        self.draft = compile_step(eagle_draft, self.device) if compile else eagle_draft
+        self.verify = compile_step(eagle_verify, self.device) if compile else eagle_verify
+
+    def _start(self, prompt: Tensor) -> Tensor:
+        root, h = self.prefill(self.model, prompt, self.sampling)  # [1, 1], [1, P, D]
+        if prompt.size(1) > 1:
+            self.head.prefill(self.model, prompt[:, 1:], h[:, :-1])  # pairs (f_i, t_{i+1}), i < P-1
+        st, R = self.state, self.tree.D + 1
+        st.L.fill_(prompt.size(1))
+        st.n.fill_(1)
+        st.tokens.zero_()
+        st.tokens[0] = root[0, 0]
+        st.feats.zero_()
+        st.feats[0] = h[0, -1]
+        self.rounds, self.hist, self.timing, self.first = 0, [0] * R, [], True
+        return torch.cat([st.tokens, st.n])
+
+    def _launch(self) -> Tensor:
+        t0 = timer(self.device)
+        self.draft(self.head, self.model, self.tree, self.state)
+        t1 = timer(self.device)
+        out = self.verify(self.model, self.tree, self.state, self.sampling)
+        self.timing.append((t0, t1, timer(self.device)))
+        return out
+
+    def _tokens(self, host: Tensor) -> list[int]:
+        n = int(host[-1])
+        if self.first:  # the prompt's own next token
+            self.first = False
+        else:
+            self.rounds += 1
+            self.hist[n - 1] += 1
+        return host[:n].tolist()
+
+    def _stats(self) -> dict:
+        timing = self.timing[: self.rounds]  # rounds launched past the stop are not counted
+        rounds = max(self.rounds, 1)
+        return {
+            "accept_len_mean": sum((i + 1) * c for i, c in enumerate(self.hist)) / rounds,
+            "accept_hist": self.hist,  # accept_hist[a] = rounds that accepted a drafted tokens (a + 1 emitted)
+            "rounds": self.rounds,
+            "draft_seconds": sum(elapsed(a, b) for a, b, _ in timing),
+            "verify_seconds": sum(elapsed(b, c) for _, b, c in timing),
+        }
+
+
+def timer(device: torch.device):
+    """A point in time on the device's stream (CUDA event) or the host clock (CPU: every op is synchronous)."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
+def elapsed(a, b) -> float:
+    if isinstance(a, float):
+        return b - a
+    b.synchronize()
+    return a.elapsed_time(b) / 1000
+
+
+def compile_step(fn, device: torch.device):
+    """One compiled graph for every step: fixed shapes, fullgraph, CUDA graphs on the GPU."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def set_inductor_flags() -> None:
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    inductor_config.coordinate_descent_tuning = True
+    inductor_config.triton.unique_kernel_names = True
+    inductor_config.fx_graph_cache = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts and the CLI.
+
+
+@dataclass
+class Prompt:
+    id: str
+    turns: list[str]
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    """JSONL with {"turns": [...], "question_id"?} per line (MT-bench), or plain text: one prompt per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompts file not found: {path}")
+    try:
+        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompts file {path}: {e}") from None
+    if not lines:
+        raise UserError(f"prompts file is empty: {path}")
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+                turns = obj["turns"]
+                if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+                    raise ValueError('"turns" must be a non-empty list of strings')
+            except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+                raise UserError(f"{path}:{i}: malformed prompt line ({e})") from None
+            prompts.append(Prompt(str(obj.get("question_id", i)), turns))
+        else:
+            prompts.append(Prompt(str(i), [line]))
+    return prompts
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.pth) or a .pth in one")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="prompt text (default: a short greeting)")
+    src.add_argument("--prompts-file", "--prompts_file", help="JSONL with {'turns': [...]} per line, or plain text")
+    p.add_argument(
+        "--max-turns",
+        "--max_turns",
+        type=int,
+        default=0,
+        help="with --prompts-file: use at most this many turns per conversation (0 = all)",
+    )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the checkpoint's chat template (default: on when it has one)",
+    )
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=256, help="tokens to generate per turn")
+    p.add_argument("--ignore-eos", "--ignore_eos", action="store_true", help="do not stop at end-of-turn tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", "--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", "--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument(
+        "--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on GPU, float32 on CPU)"
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the decode step with CUDA graphs (default: on with CUDA)",
+    )
+    p.add_argument(
+        "--compile-prefill", "--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)"
+    )
+    p.add_argument(
+        "--num-samples",
+        "--num_samples",
+        type=int,
+        default=1,
+        help="generate this many times per prompt (later ones show warm speed)",
+    )
+    p.add_argument("--interactive", action="store_true", help="chat loop on stdin with streamed output")
+    p.add_argument("--json", default=None, metavar="OUT", help="write one JSON object per generation to OUT")
+    p.add_argument("--quiet", action="store_true", help="do not stream generated text")
+    p.add_argument(
+        "--eagle",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="HEAD_DIR",
+        help="EAGLE speculative decoding with this draft head (no value: the head shipped for the checkpoint)",
+    )
+    p.add_argument(
+        "--tree",
+        default="default",
+        help="EAGLE draft tree: 'default' (EAGLE-1, 26 tokens), 'chain:K', or a JSON file of paths",
+    )
+    return p.parse_args(argv)  # fmt: skip
+
+
+def check_args(a: argparse.Namespace) -> None:
+    if a.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
+        raise UserError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    if a.num_samples < 1:
+        raise UserError("--num-samples must be at least 1")
+    if a.dtype is not None and a.dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {a.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if a.device is not None:
+        try:
+            torch.device(a.device)
+        except RuntimeError:
+            raise UserError(f"unknown --device {a.device!r}") from None
+        if a.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but no CUDA GPU is available")
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    try:
+        run(a)
+    except (UserError, CheckpointError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run(a: argparse.Namespace) -> None:
+    check_args(a)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[a.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    use_compile = a.compile if a.compile is not None else device.type == "cuda"
+    torch.manual_seed(a.seed)
+
+    t0 = time.perf_counter()
+    model = load_model(a.checkpoint, device=device, dtype=dtype)
+    folder = Path(a.checkpoint) if Path(a.checkpoint).is_dir() else Path(a.checkpoint).parent
+    tok = load_tokenizer(folder)
+    chat = a.chat if a.chat is not None else tok.chat_template is not None
+    if chat and tok.chat_template is None:
+        raise UserError("--chat asked for, but the checkpoint has no chat template")
+    log(f"loaded {folder} ({model.args.n_layers} layers, dim {model.args.dim}) on {device} in {dtype} "
+        f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+
+    prompts = read_prompts(a.prompts_file) if a.prompts_file else [Prompt("0", [a.prompt or "Hello, who are you?"])]
+    if a.max_turns > 0:
+        prompts = [Prompt(p.id, p.turns[: a.max_turns]) for p in prompts]
+    ctx = model.args.max_seq_len
+    if a.interactive:
+        need = min(ctx, 4096)
+    else:
+        first = max(len(tok.encode_prompt(p.turns[0], chat)) for p in prompts)
+        need = first + a.max_new_tokens
+        if any(len(p.turns) > 1 for p in prompts):  # later turns carry the conversation so far
+            need = min(ctx, max(need, 2048))
+        if first >= ctx:
+            raise UserError(f"prompt is {first} tokens, longer than the model's context of {ctx}")
+    sampling = Sampling(a.temperature, a.top_k, a.top_p)
+    if use_compile:
+        set_inductor_flags()
+    gen = make_generator(a, model, sampling, need, use_compile, folder)
+
+    stream = not a.quiet and (a.interactive or len(prompts) * a.num_samples <= 3 or a.json is None)
+    on_text = (lambda s: print(s, end="", flush=True)) if stream else None
+    records = []
+    if a.interactive:
+        interactive_loop(gen, tok, chat, a, on_text or (lambda s: print(s, end="", flush=True)))
+        return
+    for p in prompts:
+        for sample_i in range(a.num_samples):
+            history: list[dict] = []
+            for turn_i, text in enumerate(p.turns):
+                history.append({"role": "user", "content": text})
+                ids = tok.encode_prompt(history if chat else text, chat)
+                if len(ids) + a.max_new_tokens > gen.max_seq_length:
+                    raise UserError(f"prompt {p.id} turn {turn_i + 1} is {len(ids)} tokens; with "
+                                    f"--max-new-tokens {a.max_new_tokens} it exceeds {gen.max_seq_length}")  # fmt: skip
+                if on_text:
+                    print(f"\n>>> [{p.id}] {text}\n", flush=True)
+                r = gen.generate(ids, a.max_new_tokens, tok.stop_ids, a.ignore_eos, on_text, tok)
+                reply = tok.decode([t for t in r.output_ids if t not in tok.stop_ids])
+                history.append({"role": "assistant", "content": reply})
+                rec = {"id": p.id, "turn": turn_i, "sample": sample_i, "prompt_tokens": len(ids),
+                       "output_ids": r.output_ids, "text": reply, "new_tokens": len(r.output_ids),
+                       "seconds": r.seconds, "prefill_seconds": r.prefill_seconds,
+                       "tokens_per_s": len(r.output_ids) / r.seconds, **r.stats}  # fmt: skip
+                records.append(rec)
+                if on_text:
+                    print()
+                log(summary_line(rec))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.json, "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+    print_summary(records, model, device)
+
+
+def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
+    if a.eagle is None:
+        return Generator(model, sampling, round_up(need, 64), use_compile, a.compile_prefill)
+    try:
+        tree = build_tree(parse_tree_spec(a.tree))
+    except TreeError as e:
+        raise UserError(str(e)) from None
+    head_dir = find_head(folder) if a.eagle == "auto" else Path(a.eagle)
+    head = load_head(head_dir, model.args, model.norm.weight.device, model.norm.weight.dtype)
+    log(f"EAGLE head {head_dir}, tree of {tree.N} tokens, depth {tree.D}")
+    return EagleGenerator(model, head, tree, sampling, need, use_compile, a.compile_prefill)
+
+
+def find_head(folder: Path) -> Path:
+    """The head shipped for a checkpoint: heads/<checkpoint name>/ in this repository, or <checkpoint>/eagle/."""
+    for cand in (Path(__file__).resolve().parent / "heads" / folder.resolve().name, folder / "eagle"):
+        if (cand / "config.json").is_file():
+            return cand
+    raise UserError(f"no EAGLE head shipped for {folder.name}; pass --eagle HEAD_DIR")
+
+
+def interactive_loop(gen, tok: Tokenizer, chat: bool, a, on_text) -> None:
+    history: list[dict] = []
+    print("Interactive mode: type a message, empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            text = input("\nyou> ")
+        except EOFError:
+            return
+        if not text.strip():
+            return
+        history.append({"role": "user", "content": text})
+        ids = tok.encode_prompt(history if chat else text, chat)
+        if len(ids) + a.max_new_tokens > gen.max_seq_length:
+            print("(conversation too long; starting over)", file=sys.stderr)
+            history = [history[-1]]
+            ids = tok.encode_prompt(history if chat else text, chat)
+        print("bot> ", end="", flush=True)
+        r = gen.generate(ids, a.max_new_tokens, tok.stop_ids, a.ignore_eos, on_text, tok)
+        history.append({"role": "assistant", "content": tok.decode([t for t in r.output_ids if t not in tok.stop_ids])})
+        print(f"\n[{len(r.output_ids)} tokens, {len(r.output_ids) / r.seconds:.1f} tok/s]", file=sys.stderr)
+
+
+def round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes read per decode step: every weight except the embedding table (one row is gathered)."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type != "meta")
+    if not model.args.tie_embeddings:
+        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    return total
+
+
+def summary_line(rec: dict) -> str:
+    s = f"[{rec['id']}] {rec['new_tokens']} tokens in {rec['seconds']:.2f} s: {rec['tokens_per_s']:.1f} tok/s"
+    if "accept_len_mean" in rec:
+        s += f", accept_len_mean {rec['accept_len_mean']:.2f} over {rec['rounds']} rounds"
+    return s
+
+
+def print_summary(records: list[dict], model: Transformer, device: torch.device) -> None:
+    if not records:
+        return
+    warm = records[1:] if len(records) > 1 else records  # the first generation includes compilation
+    toks = sum(r["new_tokens"] for r in warm)
+    secs = sum(r["seconds"] for r in warm)
+    tps = toks / secs
+    log(f"average over {len(warm)} generation(s){' (first excluded: compile warm-up)' if len(records) > 1 else ''}: "
+        f"{tps:.1f} tok/s, {weight_bytes(model) * tps / 1e9:.1f} GB/s of weights")  # fmt: skip
+    if any("accept_len_mean" in r for r in warm):
+        rounds = sum(r["rounds"] for r in warm)
+        log(f"EAGLE: {toks / max(rounds, 1):.2f} tokens per target forward (tau) over {rounds} rounds")
+    if device.type == "cuda":
+        log(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
