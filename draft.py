@@ -61,9 +61,9 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
                n: Tensor) -> Tensor:  # fmt: skip
     """Catch up on the last round's accepted tokens, then expand the tree. Returns the node tokens [N].
 
-    L [1]: committed target length; the root token t_L is tokens[n-1]. tokens [R], feats [R, D] with R = tree.D + 1:
-    n [1]: the pairs (f_{L-n+j}, t_{L-n+j+1}) for j < n (rows j >= n are padding; they land in slots >= L, which the next
-    round overwrites before anything attends to them).
+    L [1]: committed target length; the root token t_L is tokens[n-1]. tokens [R], feats [R, D] (R = tree.D + 1) and
+    n [1]: the pairs (f_{L-n+j}, t_{L-n+j+1}) for j < n. Rows j >= n are padding; they land in slots >= L, which the
+    next round overwrites before anything attends to them.
     """
     R, dev = tokens.size(0), tokens.device
     slots = torch.arange(head.rope.size(0), device=dev)  # [slots]
