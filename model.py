@@ -305,8 +305,8 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
         import quantize  # noqa: PLC0415 - only needed for quantized checkpoints
 
         quantize.swap_linears(model, quant)
-    if args.tie_embeddings:
-        ckpt.pop("output.weight", None)
+    if args.tie_embeddings and not quant:
+        ckpt["output.weight"] = ckpt["tok_embeddings.weight"]  # shared again below
     try:
         model.load_state_dict(ckpt, assign=True, strict=True)
     except RuntimeError as e:
