@@ -137,9 +137,9 @@ def target_tree_mask(ancestors: Tensor, L: Tensor, T: int) -> Tensor:
 def verify(node_tokens: Tensor, target_choice: Tensor, tree: Tree) -> tuple[Tensor, Tensor]:
     """Accept the longest path whose every token equals the target's choice at its parent.
 
-    node_tokens: [N] drafted tokens (node 0 = root, already emitted); target_choice: [N] the target's token at each
-    node (argmax for greedy, one sample from the processed distribution otherwise). Returns (best node [1],
-    accepted depth [1]). Siblings carry distinct tokens, so at most one child of a node can match: the accepted
+    node_tokens: [N] drafted tokens (node 0 = root, already emitted); target_choice: [..., N] the target's token at
+    each node (argmax for greedy, one sample from the processed distribution otherwise; leading dims batch independent
+    draws). Returns (best node [..., 1], accepted depth [..., 1]). Siblings carry distinct tokens, so at most one child of a node can match: the accepted
     nodes form one path and the deepest one is unique.
 
     Why sampling stays exact (the target's distribution is kept): let y_n ~ p(. | prefix of n) be drawn
@@ -151,8 +151,8 @@ def verify(node_tokens: Tensor, target_choice: Tensor, tree: Tree) -> tuple[Tens
     that accepted a child with the draft's probability without drawing the bonus from the residual would not have
     this property (tests/test_eagle.py checks that it fails).
     """
-    ok = (node_tokens == target_choice[tree.parent]) | (tree.depth == 0)  # [N]; the root is always accepted
-    accepted = (tree.ancestors & ~ok[None, :]).sum(1) == 0  # every node on the path (root..n) matches: [N]
+    ok = (node_tokens == target_choice[..., tree.parent]) | (tree.depth == 0)  # [..., N]; the root always matches
+    accepted = (tree.ancestors & ~ok[..., None, :]).sum(-1) == 0  # every node on the path root..n matches: [..., N]
     score = torch.where(accepted, tree.depth, -1)
-    best = score.argmax().reshape(1)
-    return best, tree.depth.index_select(0, best)
+    best = score.argmax(-1, keepdim=True)  # [..., 1]
+    return best, tree.depth[best]

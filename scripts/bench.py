@@ -1,0 +1,244 @@
+"""GPU benchmarks. Every run measures its own baseline (device-to-device copy bandwidth) and prints JSON.
+
+    python scripts/bench.py --plain --model smollm2 --model 7b      # plain compiled decoding (issue targets)
+    python scripts/bench.py --rounds --model smollm2 --model 7b     # EAGLE per-round costs with a random head
+    python scripts/bench.py --mt-bench --eagle heads/SmolLM2-135M-Instruct   # tau and tok/s, plain vs EAGLE
+
+Models: `smollm2` = the real checkpoint (checkpoints/SmolLM2-135M-Instruct), `7b` = Llama-2-7B shape, random weights.
+Results go to --out (JSON); BENCHMARKS.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import generate as G  # noqa: E402
+import model as M  # noqa: E402
+import tree as T  # noqa: E402
+from draft import EagleHead, load_head  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+SMOLLM2 = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
+MT_BENCH = ROOT / "data" / "mt_bench" / "question.jsonl"
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    n = int(gib * 2**30) // 2
+    a, b = (
+        torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_(),
+        torch.empty(n, dtype=torch.bfloat16, device="cuda"),
+    )
+    times = []
+    for _ in range(25):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1000)
+    del a, b
+    return 2 * n * 2 / statistics.median(times[5:])
+
+
+def random_model(name: str, dtype=torch.bfloat16) -> M.Transformer:
+    args = M.ModelArgs.from_name(name)
+    with torch.device("cuda"):
+        model = M.Transformer(args).to(dtype)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    return model.eval().requires_grad_(False)
+
+
+def load(name: str) -> tuple[M.Transformer, object]:
+    if name == "7b":
+        return random_model("llama-2-7b"), None
+    return M.load_model(SMOLLM2, device="cuda", dtype=torch.bfloat16), load_tokenizer(SMOLLM2)
+
+
+def mt_bench_prompts(tok, n: int) -> list[list[int]]:
+    prompts = G.read_prompts(str(MT_BENCH))[:n]
+    return [tok.encode_prompt(p.turns[0], chat=True) for p in prompts]
+
+
+def bench_plain(name: str, n_prompts: int, max_new: int) -> dict:
+    """Greedy batch-1 decoding, --ignore-eos. First call includes compilation; warm calls are the figure."""
+    model, tok = load(name)
+    prompts = mt_bench_prompts(tok, n_prompts) if tok else [[1, 450, 4996, 17354, 1701]] * n_prompts
+    gen = G.Generator(model, G.Sampling(), G.round_up(max(map(len, prompts)) + max_new, 64), compile=True)
+    t0 = time.perf_counter()
+    first = gen.generate(prompts[0], max_new, set(), ignore_eos=True)
+    first_call = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    second = gen.generate(prompts[0], max_new, set(), ignore_eos=True)
+    second_call = time.perf_counter() - t0
+    runs = [gen.generate(p, max_new, set(), ignore_eos=True) for p in prompts]
+    toks = sum(len(r.output_ids) for r in runs)
+    secs = sum(r.seconds for r in runs)
+    tps = toks / secs
+    return {
+        "model": name, "prompts": len(prompts), "max_new_tokens": max_new, "tokens_per_s": tps,
+        "decode_tokens_per_s": toks / sum(r.seconds - r.prefill_seconds for r in runs),
+        "weight_gb_per_s": G.weight_bytes(model) * tps / 1e9, "weight_bytes": G.weight_bytes(model),
+        "first_call_s": first_call, "second_call_s": second_call, "first_call_tokens": len(first.output_ids),
+        "second_call_tokens": len(second.output_ids),
+    }  # fmt: skip
+
+
+def cuda_time(fn, iters: int = 50) -> float:
+    """Median seconds per call of fn (already warm), by CUDA events around each call."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(iters):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1000)
+    return statistics.median(times)
+
+
+def bench_rounds(name: str, tree_spec: str) -> dict:
+    """EAGLE per-round costs with a random head: target forward vs tokens, draft, verification overhead."""
+    model, _ = load(name)
+    T_ = 1024
+    L = torch.tensor([500], device="cuda")
+    out: dict = {"model": name, "tree": tree_spec, "target_forward_s": {}}
+    tree = T.build_tree(T.parse_tree_spec(tree_spec))
+    model.setup_caches(1, T_)
+    fwd = G.compile_step(lambda m, tok, pos, slots, mask: m(tok, pos, slots, mask), torch.device("cuda"))
+    for n in sorted({1, 8, 26, 64, tree.N}):
+        tree = T.build_tree(T.parse_tree_spec(f"chain:{n - 1}")) if n > 1 else None
+        anc = tree.ancestors.cuda() if tree else torch.ones(1, 1, dtype=torch.bool, device="cuda")
+        tok = torch.randint(0, model.args.vocab_size, (1, n), device="cuda")
+        slots = L + torch.arange(n, device="cuda")
+        mask = T.target_tree_mask(anc, L, T_)
+        out["target_forward_s"][n] = cuda_time(
+            lambda tok=tok, slots=slots, mask=mask: fwd(model, tok, slots, slots, mask)
+        )
+    torch.manual_seed(0)
+    head = EagleHead(M.ModelArgs(**{**model.args.to_dict(), "n_layers": 1})).cuda().to(torch.bfloat16).eval()
+    gen = G.EagleGenerator(model, head, tree, G.Sampling(), 1024, compile=True)
+    with torch.inference_mode():
+        gen._start(torch.randint(0, model.args.vocab_size, (1, 400), device="cuda"))
+        st = gen.state
+
+        def reset():
+            st.L.fill_(400)
+            st.n.fill_(1)
+
+        def draft():
+            reset()
+            gen.draft(head, model, gen.tree, st)
+
+        def verify():
+            reset()
+            gen.verify(model, gen.tree, st, gen.sampling)
+
+        def both():
+            draft()
+            gen.verify(model, gen.tree, st, gen.sampling)
+
+        out["draft_s"] = cuda_time(draft)
+        out["verify_s"] = cuda_time(verify)
+        out["round_s"] = cuda_time(both)
+    t1, tn = out["target_forward_s"][1], out["target_forward_s"][tree.N]
+    out["tree_tokens"] = tree.N
+    out["overhead_vs_target_forward"] = (out["round_s"] - tn) / tn
+    out["forward_ratio_tree_vs_1"] = tn / t1
+    out["implied_speedup_for_tau"] = {tau: tau * t1 / out["round_s"] for tau in (2.0, 3.0, 3.5, 4.0)}
+    return out
+
+
+def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new: int) -> dict:
+    """Real SmolLM2 on MT-bench first turns, greedy: plain compiled vs EAGLE, same run; tau per category."""
+    model, tok = load("smollm2")
+    questions = G.read_prompts(str(MT_BENCH))[:n_prompts]
+    cats = [json.loads(line).get("category", "?") for line in MT_BENCH.read_text().splitlines() if line.strip()]
+    prompts = [tok.encode_prompt(q.turns[0], chat=True) for q in questions]
+    T_ = G.round_up(max(map(len, prompts)) + max_new, 64)
+    res: dict = {"prompts": len(prompts), "max_new_tokens": max_new}
+    plain = G.Generator(model, G.Sampling(), T_, compile=True)
+    plain.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
+    runs = [plain.generate(p, max_new, tok.stop_ids) for p in prompts]
+    res["plain"] = {"tokens_per_s": sum(len(r.output_ids) for r in runs) / sum(r.seconds for r in runs)}
+    head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
+    for spec in tree_specs:
+        gen = G.EagleGenerator(model, head, T.build_tree(T.parse_tree_spec(spec)), G.Sampling(), T_, compile=True)
+        gen.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
+        eruns = [gen.generate(p, max_new, tok.stop_ids) for p in prompts]
+        toks = sum(len(r.output_ids) for r in eruns)
+        rounds = sum(r.stats["rounds"] for r in eruns)
+        taus = [r.stats["accept_len_mean"] for r in eruns]
+        by_cat: dict[str, list[float]] = {}
+        for q, r in zip(questions, eruns, strict=True):
+            by_cat.setdefault(cats[int(q.id) - 81] if q.id.isdigit() else "?", []).append(r.stats["accept_len_mean"])
+        same = sum(r.output_ids == e.output_ids for r, e in zip(runs, eruns, strict=True))
+        res[spec] = {
+            "tokens_per_s": toks / sum(r.seconds for r in eruns), "tau": sum(taus) / len(taus),
+            "tau_tokens_per_round": toks / rounds, "tau_by_category": {k: sum(v) / len(v) for k, v in by_cat.items()},
+            "speedup_vs_plain": toks / sum(r.seconds for r in eruns) / res["plain"]["tokens_per_s"],
+            "identical_outputs_bf16": same,
+            "draft_s": sum(r.stats["draft_seconds"] for r in eruns),
+            "verify_s": sum(r.stats["verify_seconds"] for r in eruns),
+        }  # fmt: skip
+        print(json.dumps({spec: res[spec]}), flush=True)
+    return res
+
+
+@torch.inference_mode()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", choices=["smollm2", "7b"], help="repeatable (default: both)")
+    p.add_argument("--plain", action="store_true", help="plain compiled decoding")
+    p.add_argument("--rounds", action="store_true", help="EAGLE per-round costs with a random head")
+    p.add_argument("--mt-bench", action="store_true", help="tau and tok/s on MT-bench with --eagle HEAD")
+    p.add_argument("--eagle", default=str(ROOT / "heads" / "SmolLM2-135M-Instruct"), help="head for --mt-bench")
+    p.add_argument("--tree", action="append", help="tree specs for --rounds / --mt-bench (default: default)")
+    p.add_argument("--prompts", type=int, default=80, help="MT-bench questions to use")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="default: 256 for SmolLM2, 200 for 7b")
+    p.add_argument("--out", default="bench.json")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: bench.py needs a CUDA GPU")
+    G.set_inductor_flags()
+    models = a.model or ["smollm2", "7b"]
+    res = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
+        "python": platform.python_version(), "command": " ".join(sys.argv), "copy_gb_per_s": copy_bandwidth() / 1e9,
+    }  # fmt: skip
+    print(json.dumps(res), flush=True)
+    for name in models:
+        max_new = a.max_new_tokens or (256 if name == "smollm2" else 200)
+        if a.plain:
+            r = bench_plain(name, a.prompts if name == "smollm2" else 5, max_new)
+            r["fraction_of_copy_bw"] = r["weight_gb_per_s"] / res["copy_gb_per_s"]
+            res[f"plain_{name}"] = r
+            print(json.dumps(r), flush=True)
+        if a.rounds:
+            for spec in a.tree or ["default"]:
+                r = bench_rounds(name, spec)
+                res[f"rounds_{name}_{spec}"] = r
+                print(json.dumps(r), flush=True)
+    if a.mt_bench:
+        res["mt_bench"] = bench_mt_bench(a.eagle, a.tree or ["default", "chain:5"], a.prompts, a.max_new_tokens or 256)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
