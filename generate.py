@@ -329,12 +329,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def set_inductor_flags() -> None:
+def set_inductor_flags(tuned: bool = False) -> None:
+    """fx_graph_cache makes warm restarts reuse compiled code. `tuned` adds gpt-fast's coordinate-descent tuning of
+    every kernel (slower compile; see BENCHMARKS.md for whether it pays)."""
     import torch._inductor.config as inductor_config  # noqa: PLC0415
 
-    inductor_config.coordinate_descent_tuning = True
-    inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True
+    inductor_config.coordinate_descent_tuning = tuned
 
 
 # ---------------------------------------------------------------------------------------------------------------

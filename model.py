@@ -180,8 +180,30 @@ class Attention(nn.Module):
         v = v.view(B, S, KV, hd).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         k, v = self.kv_cache.update(cache_pos, k, v)  # [B, KV, T, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)  # [B, H, S, hd]
+        if S > SMALL_S:  # prefill: the fused kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)  # [B, H, S, hd]
+        else:  # decode and tree verification: plain matmuls that torch.compile fuses, K/V never copied per head
+            y = small_attention(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(B, S, H * hd))
+
+
+SMALL_S = 64  # forwards of at most this many tokens use `small_attention`
+
+
+def small_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention for a few query tokens. q: [B, H, S, hd]; k, v: [B, KV, T, hd]; mask: [1, 1, S, T] -> [B, H, S, hd].
+
+    The G = H / KV query heads that share a K/V head are folded into the query length, so grouped-query attention
+    needs no repeated K/V: scores [B, KV, G*S, T].
+    """
+    B, H, S, hd = q.shape
+    KV, T = k.size(1), k.size(2)
+    G = H // KV
+    scores = q.reshape(B, KV, G * S, hd) @ k.transpose(-1, -2)  # [B, KV, G*S, T]
+    scores = scores.float().view(B, KV, G, S, T) * hd**-0.5
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask: [1, 1, 1, S, T]
+    probs = scores.softmax(-1).to(q.dtype).view(B, KV, G * S, T)
+    return (probs @ v).view(B, H, S, hd)
 
 
 class FeedForward(nn.Module):

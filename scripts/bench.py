@@ -85,6 +85,10 @@ def bench_plain(name: str, n_prompts: int, max_new: int) -> dict:
     second = gen.generate(prompts[0], max_new, set(), ignore_eos=True)
     second_call = time.perf_counter() - t0
     runs = [gen.generate(p, max_new, set(), ignore_eos=True) for p in prompts]
+    prefill_s = statistics.median(
+        cuda_time(lambda p=p: gen._start(torch.tensor([p], device="cuda")), 3) for p in prompts[:10]
+    )
+    profile(gen, prompts[0], 64, f"plain_{name}")
     toks = sum(len(r.output_ids) for r in runs)
     secs = sum(r.seconds for r in runs)
     tps = toks / secs
@@ -93,8 +97,31 @@ def bench_plain(name: str, n_prompts: int, max_new: int) -> dict:
         "decode_tokens_per_s": toks / sum(r.seconds - r.prefill_seconds for r in runs),
         "weight_gb_per_s": G.weight_bytes(model) * tps / 1e9, "weight_bytes": G.weight_bytes(model),
         "first_call_s": first_call, "second_call_s": second_call, "first_call_tokens": len(first.output_ids),
-        "second_call_tokens": len(second.output_ids),
+        "second_call_tokens": len(second.output_ids), "prefill_s_median": prefill_s,
     }  # fmt: skip
+
+
+PROFILE_DIR: Path | None = None
+
+
+def profile(gen: G.Generator, prompt: list[int], max_new: int, tag: str) -> None:
+    """Kernel table of one warm generation (CUDA graphs included) into PROFILE_DIR/<tag>.txt."""
+    if PROFILE_DIR is None:
+        return
+    from torch.profiler import ProfilerActivity  # noqa: PLC0415
+
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        r = gen.generate(prompt, max_new, set(), ignore_eos=True)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in events if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    launches = max(len(r.output_ids) - 1, 1)
+    head = (
+        f"{tag}: {len(kernels)} kernels for {len(r.output_ids)} tokens ({len(kernels) / launches:.1f} per step/round)"
+    )
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    (PROFILE_DIR / f"{tag}.txt").write_text(head + "\n" + table)
+    print(head, flush=True)
 
 
 def cuda_time(fn, iters: int = 50) -> float:
@@ -212,14 +239,19 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=80, help="MT-bench questions to use")
     p.add_argument("--max-new-tokens", type=int, default=0, help="default: 256 for SmolLM2, 200 for 7b")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--profile", default=None, metavar="DIR", help="write kernel tables of warm runs here")
+    p.add_argument("--tuned", action="store_true", help="coordinate-descent tuning of Inductor kernels")
     a = p.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = Path(a.profile) if a.profile else None
     if not torch.cuda.is_available():
         sys.exit("error: bench.py needs a CUDA GPU")
-    G.set_inductor_flags()
+    G.set_inductor_flags(a.tuned)
     models = a.model or ["smollm2", "7b"]
     res = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
-        "python": platform.python_version(), "command": " ".join(sys.argv), "copy_gb_per_s": copy_bandwidth() / 1e9,
+        "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
+        "copy_gb_per_s": copy_bandwidth() / 1e9,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     for name in models:
