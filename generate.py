@@ -501,6 +501,9 @@ def run(a: argparse.Namespace) -> None:
             need = min(ctx, max(need, 2048))
         if first >= ctx:
             raise UserError(f"prompt is {first} tokens, longer than the model's context of {ctx}")
+        if need > ctx:
+            raise UserError(f"prompt ({first} tokens) + --max-new-tokens {a.max_new_tokens} exceed the model's "
+                            f"context of {ctx}")  # fmt: skip
     sampling = Sampling(a.temperature, a.top_k, a.top_p)
     if use_compile:
         set_inductor_flags()

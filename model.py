@@ -245,9 +245,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope", torch.empty(0, 2, args.head_dim), persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate the KV cache once: [max_batch_size, KV, max_seq_length, hd] per layer."""
-        if max_seq_length > self.args.max_seq_len:
-            raise ValueError(f"{max_seq_length} cache slots exceed the model's context of {self.args.max_seq_len}")
+        """Allocate the KV cache once: [max_batch_size, KV, max_seq_length, hd] per layer.
+
+        The caller keeps positions within the model's context (args.max_seq_len); slots past it may serve as scratch.
+        """
         dtype = dtype or self.norm.weight.dtype
         device = self.norm.weight.device
         for layer in self.layers:

@@ -1,0 +1,117 @@
+"""generate.py: the plain decode loop, sampling, compile without recompiles, and one-line CLI errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate as G
+import model as M
+from conftest import ROOT
+
+PROMPT = [1, 17, 42, 99, 5]
+
+
+def run_cli(*argv, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *argv], capture_output=True, text=True, **kw)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+@torch.inference_mode()
+def test_generator_matches_full_forward_greedy(tiny_ckpt):
+    model = M.load_model(tiny_ckpt)
+    out = G.Generator(model, G.Sampling(), 64).generate(PROMPT, 12, set(), ignore_eos=True).output_ids
+    ref = M.load_model(tiny_ckpt)
+    seq = list(PROMPT)
+    for _ in range(12):  # greedy by full forwards, no cache reuse
+        ref.setup_caches(1, 64)
+        seq.append(int(ref(torch.tensor([seq]), torch.arange(len(seq)))[0, -1].argmax()))
+    assert out == seq[len(PROMPT) :]
+
+
+@torch.inference_mode()
+def test_stops_at_eos_and_max_new_tokens(tiny_ckpt):
+    gen = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 64)
+    ref = gen.generate(PROMPT, 20, set(), ignore_eos=True).output_ids
+    assert len(ref) == 20
+    stop = ref[5]
+    got = gen.generate(PROMPT, 20, {stop}, ignore_eos=False).output_ids
+    assert got == ref[: ref.index(stop) + 1]
+    assert gen.generate(PROMPT, 3, {stop}, ignore_eos=True).output_ids == ref[:3]
+
+
+def test_sampling_processing():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    p = G.logits_to_probs(logits, G.Sampling(1.0, top_k=2))
+    assert p[0, 2] == 0 and p[0, 3] == 0 and torch.isclose(p.sum(), torch.tensor(1.0))
+    p = G.logits_to_probs(logits, G.Sampling(1.0, top_p=0.5))
+    assert (p[0] > 0).tolist() == [True, False, False, False]
+    torch.manual_seed(0)
+    draws = G.sample(logits.expand(40000, -1), G.Sampling(1.0))
+    freq = torch.bincount(draws, minlength=4).float() / 40000
+    assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.01)
+
+
+@torch.inference_mode()
+def test_decode_step_compiles_without_recompiles(tiny_ckpt):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = M.load_model(tiny_ckpt)
+    gen = G.Generator(model, G.Sampling(), 64, compile=True)
+    ref = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 64).generate(PROMPT, 10, set(), True).output_ids
+    assert gen.generate(PROMPT, 10, set(), True).output_ids == ref
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a new prompt length, same graph
+        gen.generate(PROMPT[:2], 10, set(), True)
+
+
+def test_cli_generates_and_writes_json(tiny_ckpt, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"question_id": 7, "turns": ["Hello", "And then?"]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = run_cli("--checkpoint", str(tiny_ckpt), "--prompts-file", str(prompts), "--max-new-tokens", "5",
+                "--json", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["turn"] for r in recs] == [0, 1] and recs[0]["id"] == "7"
+    for rec in recs:
+        for key in ("id", "prompt_tokens", "output_ids", "text", "new_tokens", "seconds", "tokens_per_s"):
+            assert key in rec
+        assert 1 <= rec["new_tokens"] == len(rec["output_ids"]) <= 5
+    assert recs[1]["prompt_tokens"] > recs[0]["prompt_tokens"]  # the second turn carries the first
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--checkpoint", "/nonexistent/ckpt"], "checkpoint not found"),
+        (["--dtype", "float8"], "unknown --dtype"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--prompts-file", "/nonexistent.jsonl"], "prompts file not found"),
+        (["--temperature", "-1"], "--temperature"),
+    ],
+)
+def test_cli_errors(tiny_ckpt, argv, needle):
+    args = ["--checkpoint", str(tiny_ckpt)] if argv[0] != "--checkpoint" else []
+    assert_one_line_error(run_cli(*args, *argv), needle)
+
+
+def test_cli_error_files(tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": "not a list"}\n')
+    assert_one_line_error(run_cli("--checkpoint", str(tiny_ckpt), "--prompts-file", str(bad)), "malformed")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_ckpt / "config.json").read_text())
+    (broken / "model.pth").write_bytes(b"not a checkpoint")
+    assert_one_line_error(run_cli("--checkpoint", str(broken)), "cannot read")
+    long_prompt = "Hello " * 600  # the tiny model's context is 512
+    assert_one_line_error(run_cli("--checkpoint", str(tiny_ckpt), "--prompt", long_prompt), "context")
