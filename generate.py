@@ -594,7 +594,8 @@ def round_up(n: int, m: int) -> int:
 
 def weight_bytes(model: Transformer) -> int:
     """Bytes read per decode step: every weight except the embedding table (one row is gathered)."""
-    total = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type != "meta")
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied LM head is read once
+    total = sum(t.numel() * t.element_size() for t in unique.values())
     if not model.args.tie_embeddings:
         total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
     return total
