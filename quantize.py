@@ -1,0 +1,667 @@
+"""Weight-only int8 / int4 quantization of a checkpoint, and the modules that run it.
+
+    python quantize.py --checkpoint checkpoints/SmolLM2-135M-Instruct --mode int8
+    python quantize.py --checkpoint checkpoints/SmolLM2-135M-Instruct --mode int4 --groupsize 64
+
+writes model_int8.pth / model_int4.g64.pth beside the input as {"state_dict": sd, "quantization": quant}, quant being
+{"mode": "int8"} or {"mode": "int4", "groupsize": G}. model.load_model reads any of them (it never looks at the
+file name): it calls swap_linears(model, quant) on the meta-device model, load_state_dict(assign=True, strict=True),
+moves the model to the device, casts the float tensors, then prepare_for_device(model, quant).
+
+What gets quantized: every nn.Linear under layers.* (wqkv, wo, w13, w2) and the LM head `output`. The embedding
+table stays in bf16 (a lookup reads one row per token; quantizing it saves memory, not time). A tied LM head
+(tie_embeddings, e.g. SmolLM2, where the head is ~20% of the weights) is untied: `output` is written as its own
+quantized tensors and swap_linears sets model.args.tie_embeddings = False so that load_model neither drops
+output.* from the state dict nor re-ties it. All other float tensors (norms, biases, embedding) are stored in bf16.
+
+On-disk format (device independent, no kernel-specific packing):
+  int8  X.weight int8 [out, in]; X.scales float32 [out]         w ~= weight * scales[:, None]   (symmetric, absmax/127)
+  int4  X.weight uint8 [out, in_p/2], two nibbles per byte: byte j = q[2j] << 4 | q[2j+1], q in 0..15;
+        X.scales_and_zeros float32 [in_p/G, out, 2] = (scale, zero) per group of G inputs;
+        w ~= (q - 8) * scale + zero, scale = (max - min) / 15, zero = min + 8 * scale   (tinygemm convention).
+        in_p = in_features rounded up to a multiple of G: the padded columns are zero and activations are
+        zero-padded at run time. A layer whose out_features is not a multiple of 16 (the CPU kernel's N tile; CUDA
+        needs 8) stays in bf16. The CLI summary lists padded and skipped layers. Without --groupsize: 64, unless the
+        source weights already lie on a 4-bit groupwise grid (a checkpoint converted from a GGUF Q4_0/Q4_1 file):
+        then that grid's width (32), since requantizing onto a wider grid adds the two errors (SmolLM2-135M from
+        Q4_1: +0.04 nats at g32, +0.38 at g64 on tests/data/heldout.txt).
+
+Run time (prepare_for_device):
+  int8  scales are cast to the activation dtype; forward = F.linear(x, weight.to(x.dtype)) * scales, the form that
+        Inductor fuses into one GEMV on GPU.
+  int4  CUDA: aten._convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles) and aten._weight_int4pack_mm, which
+        takes only bf16 activations and bf16 scales (x is cast to bf16 and back).
+        CPU: aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], inner_k_tiles) and _weight_int4pack_mm_for_cpu,
+        which takes float32, bfloat16 or float16 activations with scales of the same dtype (checked on torch 2.13);
+        its float32 path is 30-70x slower than bf16, so with float32 activations inputs of more than one token are
+        dequantized + dense matmul (CPU_FP32_DENSE_ABOVE) and single-token decode steps use the kernel.
+        Any other device (or kernel="dequant"): dequantize then F.linear (also the reference in the tests).
+  Options (RUNTIME below, or the same keys in the quant dict): int4_dense_above=M runs inputs of more than M tokens
+  as dequantize + dense matmul (EAGLE tree verification feeds 26-64 tokens, where tinygemm slows down; whether that
+  wins must be measured on the GPU, so the default is None = always the int4 kernel), int4_kernel="triton" uses the
+  experimental Triton kernel at the bottom of this file (never chosen automatically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from model import CheckpointError, ModelArgs, Transformer, resolve_checkpoint
+
+MODES = ("int8", "int4")
+GROUPSIZES = (32, 64, 128, 256)  # what both tinygemm kernels (CUDA and CPU) accept
+DEFAULT_GROUPSIZE = 64  # divides the hidden sizes of the Llama / SmolLM2 / Qwen2 families: no padding needed
+INT4_N_MULTIPLE = 16  # out_features must be a multiple of this for the int4 kernels (CPU 16, CUDA 8)
+RUNTIME = {"int4_kernel": "auto", "int4_dense_above": None}  # defaults of the run-time options (see the docstring)
+# The CPU kernel's float32 path is 30-70x slower than its bf16 path (measured on an AVX2 Xeon, torch 2.13): with
+# float32 activations, "auto" on CPU sends inputs of more than this many tokens through dequantize + dense matmul.
+CPU_FP32_DENSE_ABOVE = 1
+
+
+class QuantizeError(Exception):
+    """A user-facing problem (one line)."""
+
+
+def check_quant(quant: dict) -> tuple[str, int | None]:
+    """Validate a quantization dict; return (mode, groupsize or None)."""
+    mode = quant.get("mode") if isinstance(quant, dict) else None
+    if mode not in MODES:
+        raise CheckpointError(f"unknown quantization {quant!r}: mode must be one of {', '.join(MODES)}")
+    if mode == "int8":
+        return mode, None
+    g = quant.get("groupsize")
+    if g not in GROUPSIZES:
+        raise CheckpointError(f"bad int4 groupsize {g!r} in {quant!r}: must be one of {GROUPSIZES}")
+    return mode, g
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantization math (float32 in, plain tensors out). Device independent.
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per output channel: w [out, in] -> (int8 [out, in], float32 scales [out]); |w - q*s| <= s/2."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = (w / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return (q.to(torch.float32) * scales.float()[:, None]).to(dtype)
+
+
+def quantize_int4(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor]:
+    """Asymmetric groupwise along in_features: w [out, in] (in % groupsize == 0) ->
+    (q uint8 [out, in] with values 0..15, scales_and_zeros float32 [in/G, out, 2]); |w - deq| <= scale/2."""
+    n, k = w.shape
+    if k % groupsize:
+        raise ValueError(f"in_features {k} is not a multiple of groupsize {groupsize}: pad first")
+    wg = w.float().reshape(n, k // groupsize, groupsize)
+    lo, hi = torch.aminmax(wg, dim=-1, keepdim=True)  # [out, in/G, 1]
+    scale = ((hi - lo) / 15).clamp_(min=1e-12)
+    q = (wg - lo).div_(scale).round_().clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    zero = lo + 8 * scale
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [in/G, out, 2]
+    return q, scales_and_zeros
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """uint8 [N, K] values 0..15 -> uint8 [N, K/2], byte j = q[2j] << 4 | q[2j+1] (aten int4pack input, torch>=2.5)."""
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of pack_int4: uint8 [N, K/2] -> uint8 [N, K]."""
+    return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, groupsize: int, dtype=torch.float32) -> Tensor:
+    """uint8 [N, K/2] + [K/G, N, 2] -> [N, K] in `dtype` (computed in float32 unless dtype is a 16-bit float)."""
+    compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    q = unpack_int4(packed).to(compute)
+    n, k = q.shape
+    scale = scales_and_zeros[..., 0].to(compute).t()[..., None]  # [N, K/G, 1]
+    zero = scales_and_zeros[..., 1].to(compute).t()[..., None]
+    return ((q.reshape(n, k // groupsize, groupsize) - 8) * scale + zero).reshape(n, k).to(dtype)
+
+
+def detect_4bit_grid(weights: list[Tensor], rows: int = 256) -> int | None:
+    """The widest groupsize G (of GROUPSIZES) such that every G-wide group of these weights (first `rows` rows) holds
+    at most 16 distinct values: the weights were already 4-bit quantized groupwise (a GGUF Q4_0 / Q4_1 conversion).
+    Requantizing such weights with wider groups misaligns the two grids and costs much more than usual."""
+    found = None
+    for g in GROUPSIZES:  # ascending: stop at the first width that breaks
+        for w in weights:
+            if w.shape[-1] % g:
+                return found
+            s = w[:rows].float().reshape(-1, g).sort(dim=-1).values
+            if (1 + (s[:, 1:] != s[:, :-1]).sum(dim=-1) > 16).any():
+                return found
+        found = g
+    return found
+
+
+def padded_in_features(in_features: int, groupsize: int) -> int:
+    return -(-in_features // groupsize) * groupsize
+
+
+def plan_linear(in_features: int, out_features: int, quant: dict) -> str | None:
+    """None if the layer is quantized under `quant`, else why it stays in bf16. quantize and swap_linears share this
+    rule, so the loader rebuilds exactly the modules the file was written for."""
+    mode, _ = check_quant(quant)
+    if mode == "int4" and out_features % INT4_N_MULTIPLE:
+        return f"out_features {out_features} is not a multiple of {INT4_N_MULTIPLE} (int4 kernel tile)"
+    return None
+
+
+def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The linears we quantize: everything under layers.* and the LM head `output`."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (name == "output" or name.startswith("layers."))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    """y = (x @ weight.T) * scales (+ bias). Buffers: weight int8 [out, in], scales [out] (activation dtype after
+    prepare_for_device), bias [out] or None."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        self.scales = self.scales.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pick_inner_k_tiles(k: int) -> int:
+    """Largest of 8, 4, 2 with k % (inner_k_tiles * 16) == 0 (k is a multiple of the groupsize >= 32)."""
+    return next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+
+
+class WeightOnlyInt4Linear(nn.Module):
+    """Groupwise asymmetric int4 weights. Buffers as stored on disk: weight uint8 [out, in_p/2], scales_and_zeros
+    float32 [in_p/G, out, 2], bias. prepare() picks `kernel`: "tinygemm_cuda" / "tinygemm_cpu" (then `weight` holds
+    the kernel's packed layout, as in gpt-fast, so state_dict() byte counts stay right), "triton" or "dequant"
+    (dequantize + F.linear, any device; also what an unprepared module does).
+    dense_above: inputs of more than this many tokens use dequantize + dense matmul instead of the int4 kernel (the
+    on-disk uint8 layout is then kept as the non-persistent buffer weight_uint8)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        groupsize: int,
+        bias: bool = False,
+        device=None,
+        dense_above: int | None = None,
+    ):
+        super().__init__()
+        if groupsize not in GROUPSIZES:
+            raise ValueError(f"groupsize {groupsize} not in {GROUPSIZES}")
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.padded_in_features = padded_in_features(in_features, groupsize)
+        kp = self.padded_in_features
+        self.register_buffer("weight", torch.empty(out_features, kp // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(kp // groupsize, out_features, 2, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+        self.register_buffer("weight_uint8", None, persistent=False)
+        self.kernel = "dequant"
+        self.prepared = False
+        self.inner_k_tiles: int | None = None
+        self.dense_above = dense_above
+
+    def prepare(self, dtype: torch.dtype, kernel: str = "auto") -> None:
+        """Pack for the device the buffers are on and cast the scales (once, after the move to the device)."""
+        if self.prepared:
+            raise RuntimeError("WeightOnlyInt4Linear.prepare() called twice")
+        dev, n, kp = self.weight.device, self.out_features, self.padded_in_features
+        if kernel == "auto":
+            if dev.type == "cuda" and n % 8 == 0:
+                kernel = "tinygemm_cuda"
+            elif dev.type == "cpu" and n % 16 == 0:
+                kernel = "tinygemm_cpu"
+                if dtype == torch.float32 and self.dense_above is None:
+                    self.dense_above = CPU_FP32_DENSE_ABOVE
+            else:
+                kernel = "dequant"
+        sz, w8 = self.scales_and_zeros, self.weight
+        if kernel == "tinygemm_cuda":
+            self.inner_k_tiles = pick_inner_k_tiles(kp)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(w8.contiguous(), self.inner_k_tiles)
+            sz = sz.to(torch.bfloat16)  # the CUDA kernel reads bf16 scales and bf16 activations only
+        elif kernel == "tinygemm_cpu":
+            self.inner_k_tiles = pick_inner_k_tiles(kp)
+            q = unpack_int4(w8).to(torch.int32).contiguous()
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, self.inner_k_tiles)
+            # the CPU kernel wants scales in the activation dtype: float32, bfloat16 or float16
+            sz = sz.to(dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
+        elif kernel == "triton":
+            if triton is None:
+                raise RuntimeError("int4_kernel='triton' needs the triton package")
+            sz = sz.float()
+        elif kernel == "dequant":
+            sz = sz.to(dtype)
+        else:
+            raise ValueError(f"unknown int4 kernel {kernel!r}")
+        self.scales_and_zeros = sz.contiguous()
+        self.kernel, self.prepared = kernel, True
+        if kernel.startswith("tinygemm") and self.dense_above is not None:
+            self.weight_uint8 = w8  # the dense path dequantizes from it
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """The weight as a dense [out, in] tensor."""
+        w8 = self.weight_uint8 if self.kernel.startswith("tinygemm") else self.weight
+        w = dequantize_int4(w8, self.scales_and_zeros, self.groupsize, dtype)
+        return w[:, : self.in_features]
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if self.kernel == "dequant" or (self.dense_above is not None and x2.shape[0] > self.dense_above):
+            y = F.linear(x2, self.dequantize(x.dtype))
+        else:
+            if self.padded_in_features != k:
+                x2 = F.pad(x2, (0, self.padded_in_features - k))
+            if self.kernel == "tinygemm_cuda":
+                xb = x2.to(torch.bfloat16).contiguous()
+                y = torch.ops.aten._weight_int4pack_mm(xb, self.weight, self.groupsize, self.scales_and_zeros)
+            elif self.kernel == "tinygemm_cpu":
+                xc = x2.to(self.scales_and_zeros.dtype).contiguous()
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.weight, self.groupsize, self.scales_and_zeros)
+            else:
+                y = triton_int4_mm(x2, self.weight, self.scales_and_zeros, self.groupsize)
+            y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        pad = f" (padded to {self.padded_in_features})" if self.padded_in_features != self.in_features else ""
+        return (
+            f"in_features={self.in_features}{pad}, out_features={self.out_features}, groupsize={self.groupsize}, "
+            f"kernel={self.kernel}, dense_above={self.dense_above}"
+        )
+
+
+def swap_linears(model: Transformer, quant: dict) -> Transformer:
+    """Replace the quantizable nn.Linear modules by empty quantized ones (same device, meta included) whose buffers
+    match the state dict that quantize() writes. Unties a tied LM head that gets quantized (see the docstring)."""
+    mode, g = check_quant(quant)
+    for name, lin in quantizable_linears(model):
+        if plan_linear(lin.in_features, lin.out_features, quant) is not None:
+            continue
+        dev, bias = lin.weight.device, lin.bias is not None
+        if mode == "int8":
+            new = WeightOnlyInt8Linear(lin.in_features, lin.out_features, bias=bias, device=dev)
+        else:
+            new = WeightOnlyInt4Linear(lin.in_features, lin.out_features, g, bias=bias, device=dev)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+        if name == "output" and getattr(model.args, "tie_embeddings", False):
+            model.args.tie_embeddings = False  # load_model then keeps output.* and does not re-tie
+    return model
+
+
+def prepare_for_device(model: nn.Module, quant: dict, dtype: torch.dtype | None = None) -> nn.Module:
+    """After the model is on its device: cast int8 scales to the activation dtype, pack int4 weights for the device.
+    dtype defaults to the dtype of the model's first floating parameter (the embedding)."""
+    check_quant(quant)
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    kernel = quant.get("int4_kernel", RUNTIME["int4_kernel"])
+    dense_above = quant.get("int4_dense_above", RUNTIME["int4_dense_above"])
+    for m in model.modules():
+        if isinstance(m, WeightOnlyInt8Linear):
+            m.prepare(dtype)
+        elif isinstance(m, WeightOnlyInt4Linear):
+            if dense_above is not None:
+                m.dense_above = dense_above
+            m.prepare(dtype, kernel)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantizing a checkpoint
+
+
+def output_name(mode: str, groupsize: int | None) -> str:
+    return "model_int8.pth" if mode == "int8" else f"model_int4.g{groupsize}.pth"
+
+
+def _layer_of(key: str) -> int | None:
+    m = re.match(r"layers\.(\d+)\.", key)
+    return int(m.group(1)) if m else None
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"^layers\.\d+\.", "layers.*.", name)
+
+
+def quantize_state_dict(sd: dict, args: ModelArgs, quant: dict, device="cpu", progress: bool = True):
+    """Float state dict -> (quantized state dict, report). Raises QuantizeError when sd does not match args."""
+    from tqdm import tqdm  # noqa: PLC0415 - only the CLI path needs it
+
+    mode, g = check_quant(quant)
+    with torch.device("meta"):
+        ref = Transformer(args)
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    tied = args.tie_embeddings
+    if tied:
+        expected.pop("output.weight")
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected and not (tied and k == "output.weight")]
+    if missing or unexpected:
+        what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
+        raise QuantizeError(f"checkpoint does not match its config.json: {what}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise QuantizeError(f"checkpoint does not match its config.json: {k} is {tuple(sd[k].shape)}, not {shape}")
+
+    linears = dict(quantizable_linears(ref))
+    report = {"quantized": [], "skipped": {}, "padded": {}, "bf16": [], "untied": False}
+    out: dict[str, Tensor] = {}
+
+    def quantize_linear(name: str, w: Tensor) -> None:
+        lin = linears[name]
+        why = plan_linear(lin.in_features, lin.out_features, quant)
+        if why is not None:  # stays float; a tied head stays tied (load_model re-ties the copy written here)
+            report["skipped"][name] = why + ("; still tied to the embedding" if tied and name == "output" else "")
+            out[f"{name}.weight"] = w.to(torch.bfloat16)
+            return
+        w = w.to(device=device, dtype=torch.float32)
+        if mode == "int8":
+            q, s = quantize_int8(w)
+            out[f"{name}.weight"], out[f"{name}.scales"] = q.cpu(), s.cpu()
+        else:
+            kp = padded_in_features(lin.in_features, g)
+            if kp != lin.in_features:
+                w = F.pad(w, (0, kp - lin.in_features))
+                report["padded"][name] = (lin.in_features, kp)
+            q, sz = quantize_int4(w, g)
+            out[f"{name}.weight"], out[f"{name}.scales_and_zeros"] = pack_int4(q).cpu(), sz.cpu()
+        report["quantized"].append(name)
+
+    by_layer = defaultdict(list)
+    for k in expected:
+        by_layer[_layer_of(k)].append(k)
+    if tied:
+        by_layer[None].append("output.weight")
+    steps = [*range(args.n_layers), None]
+    desc = f"quantizing {mode}" + (f" g{g}" if g else "")
+    for layer in tqdm(steps, desc=desc, unit="layer", disable=not progress, file=sys.stderr):
+        for k in by_layer[layer]:
+            name, _, leaf = k.rpartition(".")
+            if leaf == "weight" and name in linears:
+                src = sd["tok_embeddings.weight"] if (tied and name == "output") else sd[k]
+                quantize_linear(name, src)
+            elif sd[k].is_floating_point():
+                out[k] = sd[k].to(torch.bfloat16)
+                report["bf16"].append(k)
+            else:
+                out[k] = sd[k]
+    report["untied"] = tied and "output" in report["quantized"]
+    return out, report
+
+
+def _summarize(names) -> str:
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[_pattern(n)] = counts.get(_pattern(n), 0) + 1
+    return ", ".join(f"{p} x{c}" if c > 1 else p for p, c in counts.items())
+
+
+def _group_padded(padded: dict) -> dict:
+    groups: dict[str, list] = {}
+    for name, shapes in padded.items():
+        entry = groups.setdefault(_pattern(name), [shapes, 0])
+        entry[1] += 1
+    return groups
+
+
+def format_report(report: dict, quant: dict, size_in: int, size_out: int, path: Path) -> str:
+    mode, g = check_quant(quant)
+    kind = "int8 (per output channel)" if mode == "int8" else f"int4 (groupsize {g})"
+    lines = [f"quantized {len(report['quantized'])} linears to {kind}: {_summarize(report['quantized'])}"]
+    if report["untied"]:
+        lines.append("LM head: `output` quantized as its own tensor (untied from the embedding; the loader unties it)")
+    for name, why in report["skipped"].items():
+        lines.append(f"kept in bf16: {name} ({why})")
+    emb = [k for k in report["bf16"] if k.startswith("tok_embeddings")]
+    norms = [k for k in report["bf16"] if k.endswith("norm.weight")]
+    rest = [k for k in report["bf16"] if k not in emb and k not in norms]
+    if emb:
+        lines.append("kept in bf16: tok_embeddings.weight (a lookup reads one row per token: nothing to gain)")
+    if norms:
+        lines.append(f"kept in bf16: {len(norms)} RMSNorm weights (tiny)")
+    if rest:
+        lines.append(f"kept in bf16: {_summarize(rest)} (biases / small tensors)")
+    for pat, names in _group_padded(report["padded"]).items():
+        (k, kp), n = names
+        lines.append(
+            f"padded: {pat} x{n} in_features {k} -> {kp} (groupsize {g} must divide it; activations are "
+            f"zero-padded at run time, +{100 * (kp - k) / k:.0f}% int4 bytes for these layers)"
+        )
+    mib = 1024 * 1024
+    lines.append(f"size: {size_in / mib:.1f} MiB -> {size_out / mib:.1f} MiB ({size_in / max(size_out, 1):.2f}x)")
+    lines.append(f"wrote {path}")
+    return "\n".join(lines)
+
+
+def quantize_checkpoint(path, mode: str, groupsize: int | None = None, device="cpu", progress=True):
+    """Quantize the checkpoint at `path` (folder or .pth); return (output path, summary text).
+    int4 without a groupsize: the source's own 4-bit grid if it has one (see detect_4bit_grid), else 64."""
+    if mode not in MODES:
+        raise QuantizeError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "int8" and groupsize is not None:
+        raise QuantizeError("--groupsize applies to int4 only")
+    if groupsize is not None and groupsize not in GROUPSIZES:
+        raise QuantizeError(f"--groupsize must be one of {', '.join(map(str, GROUPSIZES))}, not {groupsize}")
+
+    folder, weights = resolve_checkpoint(path)
+    try:
+        args = ModelArgs.from_json(folder / "config.json")
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise QuantizeError(f"bad config.json in {folder}: {e}") from None
+    try:
+        ckpt = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt file can raise many things
+        raise QuantizeError(f"cannot read {weights}: {e}") from None
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        if ckpt.get("quantization"):
+            raise QuantizeError(f"{weights} is already quantized ({ckpt['quantization']}): start from the float one")
+        ckpt = ckpt["state_dict"]
+    if not isinstance(ckpt, dict):
+        raise QuantizeError(f"{weights} holds no state dict")
+
+    notes = []
+    if mode == "int4":
+        first = [v for k, v in ckpt.items() if k.startswith("layers.0.") and k.endswith(".weight") and v.dim() == 2]
+        grid = detect_4bit_grid(first) if first else None
+        if grid and groupsize is None:
+            groupsize = grid
+            notes.append(f"groupsize {grid}: the source weights already lie on a 4-bit grid of {grid}-wide groups "
+                         "(a GGUF Q4 conversion?), which this groupsize keeps nearly exact")  # fmt: skip
+        elif grid and groupsize > grid:
+            notes.append(f"warning: the source weights already lie on a 4-bit grid of {grid}-wide groups (a GGUF Q4 "
+                         f"conversion?); groupsize {groupsize} requantizes them onto a coarser grid and loses much "
+                         f"more than usual: --groupsize {grid} keeps them nearly exact")  # fmt: skip
+        groupsize = groupsize or DEFAULT_GROUPSIZE
+    quant = {"mode": mode} if mode == "int8" else {"mode": mode, "groupsize": groupsize}
+
+    sd, report = quantize_state_dict(ckpt, args, quant, device=device, progress=progress)
+    out = folder / output_name(mode, groupsize)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"state_dict": sd, "quantization": quant}, tmp)
+    tmp.replace(out)
+    summary = format_report(report, quant, weights.stat().st_size, out.stat().st_size, out)
+    return out, "\n".join([*notes, summary])
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other error here
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.pth + config.json) or a .pth")
+    p.add_argument("--mode", required=True, choices=MODES)
+    p.add_argument(
+        "--groupsize",
+        type=int,
+        help=f"int4 group size along in_features: {', '.join(map(str, GROUPSIZES))} (default: the source's own 4-bit "
+        f"grid when its weights already lie on one, else {DEFAULT_GROUPSIZE})",
+    )
+    p.add_argument("--device", choices=("cuda", "cpu"), help="where to compute (default: cuda if available)")
+    a = p.parse_args(argv)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise QuantizeError("--device cuda: CUDA is not available")
+        _, summary = quantize_checkpoint(a.checkpoint, a.mode, a.groupsize, device=device)
+    except (QuantizeError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(summary)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EXPERIMENTAL: a Triton int4 dequant-GEMM for small token counts (M = 1..64), reading the on-disk layout directly
+# (uint8 [N, K/2] nibble pairs + [K/G, N, 2] scales/zeros). Not used unless int4_kernel="triton". Split-K with
+# float32 atomics keeps all SMs busy for small N. Runs under TRITON_INTERPRET=1 on CPU tensors (the tests do so
+# when triton is installed).
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _int4_mm_kernel(
+        x_ptr,  # [M, K] row-major, bf16/fp16/fp32
+        w_ptr,  # [N, K/2] uint8: byte j of a row = q[2j] << 4 | q[2j+1]
+        sz_ptr,  # [K/G, N, 2] (scale, zero)
+        y_ptr,  # [M, N] float32, zero-initialized (atomic accumulation over the K splits)
+        M,
+        N,
+        K,
+        CHUNKS_PER_SPLIT,  # BLOCK_K chunks each program along the split-K axis handles
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,  # divides GROUP, so one chunk lies in one quantization group
+    ):
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rb = tl.arange(0, BLOCK_K // 2)  # byte offsets in a chunk: k = 2*rb (high nibble), 2*rb + 1 (low)
+        m_ok, n_ok = rm < M, rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(CHUNKS_PER_SPLIT):
+            k0 = (pid_k * CHUNKS_PER_SPLIT + i) * BLOCK_K
+            b = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rb)[None, :], mask=n_ok[:, None], other=0)
+            sz = sz_ptr + ((k0 // GROUP) * N + rn) * 2
+            s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            w_even = ((b >> 4).to(tl.float32) - 8.0) * s + z  # [BLOCK_N, BLOCK_K/2]
+            w_odd = ((b & 15).to(tl.float32) - 8.0) * s + z
+            xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]
+            x_even = tl.load(xp, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K/2]
+            x_odd = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
+            acc += tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)))
+            acc += tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)))
+        tl.atomic_add(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def triton_int4_mm(x: Tensor, weight: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor:
+    """x [M, K] @ dequant(weight)[N, K].T -> [M, N] float32, with the Triton kernel above."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] * 2 != k or k % groupsize:
+        raise ValueError(f"shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, groupsize {groupsize}")
+    x = x.contiguous()
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n, block_k = 64, min(groupsize, 64)
+    chunks = k // block_k
+    grid_mn = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split = 1
+    while split * 2 <= chunks and chunks % (split * 2) == 0 and grid_mn * split < 256:  # aim for ~2 waves on H100
+        split *= 2
+    y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    _int4_mm_kernel[grid](
+        x, weight, scales_and_zeros.contiguous(), y, m, n, k, chunks // split,
+        GROUP=groupsize, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return y
+
+
+def bench_int4(n=4096, k=4096, groupsize=64, ms=(1, 2, 4, 8, 16, 26, 32, 48, 64), iters=100, compile=False):
+    """GPU micro-benchmark to choose int4_dense_above: microseconds per call of tinygemm, dequant + dense, bf16 dense
+    and (if installed) Triton, for each token count M. `python -c "import quantize; quantize.bench_int4()"`;
+    compile=True wraps each in torch.compile (Inductor fuses the dequantization, as in the compiled decode loop)."""
+    dev = torch.device("cuda")
+    w = torch.randn(n, k, device=dev) * 0.02
+    q, sz = quantize_int4(w, groupsize)
+    layers = {}
+    for kernel in ("tinygemm_cuda", "dequant") + (("triton",) if triton is not None else ()):
+        mod = WeightOnlyInt4Linear(k, n, groupsize, device=dev)
+        mod.weight, mod.scales_and_zeros = pack_int4(q), sz.clone()
+        mod.prepare(torch.bfloat16, kernel)
+        layers[kernel] = torch.compile(mod) if compile else mod
+    dense = w.to(torch.bfloat16)
+    print(f"N={n} K={k} G={groupsize}: microseconds per call")
+    print(f"{'M':>4} " + " ".join(f"{name:>14}" for name in [*layers, "bf16_dense"]))
+    for m in ms:
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        fns = [lambda mod=mod, x=x: mod(x) for mod in layers.values()] + [lambda x=x: F.linear(x, dense)]
+        row = []
+        for fn in fns:
+            for _ in range(5):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            row.append(start.elapsed_time(end) * 1000 / iters)
+        print(f"{m:>4} " + " ".join(f"{t:>14.1f}" for t in row))
+
+
+if __name__ == "__main__":
+    main()
