@@ -254,6 +254,8 @@ class EagleGenerator(Generator):
         # A launched-ahead round may start up to R tokens past the budget and writes N slots from there.
         super().__init__(model, sampling, round_up(need + 2 * R + N, 64), compile, compile_prefill)
         self.head, self.tree, self.tokens_per_launch = head, tree.to(self.device), R
+        for t in self.tree.static_tensors():  # constant inputs: CUDA graphs need not copy them in each round
+            torch._dynamo.mark_static_address(t)
         head.setup_cache(self.max_seq_length, N - 1)
         self.state = EagleState(R, N, model.args.dim, self.device, model.norm.weight.dtype)
         self.draft = compile_step(eagle_draft, self.device) if compile else eagle_draft

@@ -70,6 +70,9 @@ class Tree:
     N: int
     D: int
 
+    def static_tensors(self) -> list[Tensor]:
+        return [v for k, v in self.__dict__.items() if isinstance(v, Tensor)] + list(self.fed)
+
     def to(self, device) -> Tree:
         move = lambda v: v.to(device) if isinstance(v, Tensor) else [move(x) for x in v] if isinstance(v, list) else v
         t = {k: (v if k == "paths" else move(v)) for k, v in self.__dict__.items()}
@@ -139,8 +142,8 @@ def verify(node_tokens: Tensor, target_choice: Tensor, tree: Tree) -> tuple[Tens
 
     node_tokens: [N] drafted tokens (node 0 = root, already emitted); target_choice: [..., N] the target's token at
     each node (argmax for greedy, one sample from the processed distribution otherwise; leading dims batch independent
-    draws). Returns (best node [..., 1], accepted depth [..., 1]). Siblings carry distinct tokens, so at most one child of a node can match: the accepted
-    nodes form one path and the deepest one is unique.
+    draws). Returns (best node [..., 1], accepted depth [..., 1]). Siblings carry distinct tokens, so at most one
+    child of a node can match: the accepted nodes form one path and the deepest one is unique.
 
     Why sampling stays exact (the target's distribution is kept): let y_n ~ p(. | prefix of n) be drawn
     independently at every node. The walk starts at the root; at node n it emits y_n's value either as an accepted

@@ -118,7 +118,8 @@ def profile(gen: G.Generator, prompt: list[int], max_new: int, tag: str) -> None
     head = (
         f"{tag}: {len(kernels)} kernels for {len(r.output_ids)} tokens ({len(kernels) / launches:.1f} per step/round)"
     )
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    table += prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=90)
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     (PROFILE_DIR / f"{tag}.txt").write_text(head + "\n" + table)
     print(head, flush=True)
@@ -208,6 +209,7 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         gen = G.EagleGenerator(model, head, T.build_tree(T.parse_tree_spec(spec)), G.Sampling(), T_, compile=True)
         gen.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
         eruns = [gen.generate(p, max_new, tok.stop_ids) for p in prompts]
+        profile(gen, prompts[0], max_new, f"eagle_{spec.replace(':', '')}")
         toks = sum(len(r.output_ids) for r in eruns)
         rounds = sum(r.stats["rounds"] for r in eruns)
         taus = [r.stats["accept_len_mean"] for r in eruns]
