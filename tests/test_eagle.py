@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, make_checkpoint
 
 import draft as Dr
 import generate as G
 import model as M
 import tree as T
-from conftest import ROOT, make_checkpoint
 
 PROMPT = [1, 17, 42, 99, 5, 250, 8]
 
@@ -61,8 +61,9 @@ def plain_greedy(folder, prompt, max_new, stop_ids=frozenset(), ignore_eos=True)
     return gen.generate(prompt, max_new, set(stop_ids), ignore_eos).output_ids
 
 
-def eagle(folder, head, spec, prompt, max_new, stop_ids=frozenset(), ignore_eos=True, sampling=G.Sampling()):
-    gen = G.EagleGenerator(load(folder), head, T.build_tree(T.parse_tree_spec(spec)), sampling, 200)
+def eagle(folder, head, spec, prompt, max_new, stop_ids=frozenset(), ignore_eos=True, sampling=None):
+    tree = T.build_tree(T.parse_tree_spec(spec))
+    gen = G.EagleGenerator(load(folder), head, tree, sampling or G.Sampling(), 200)
     return gen.generate(prompt, max_new, set(stop_ids), ignore_eos)
 
 

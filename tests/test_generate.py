@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import generate as G
 import model as M
-from conftest import ROOT
 
 PROMPT = [1, 17, 42, 99, 5]
 

@@ -1,0 +1,229 @@
+"""EAGLE training scripts: synthetic conversations, the training forward vs the cached head, a short training run."""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, make_checkpoint
+
+import draft as Dr
+import model as M
+from tokenizer import load_tokenizer
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_eagle_data as D  # noqa: E402
+import train_eagle as TE  # noqa: E402
+
+EOT_PROB = 0.2  # the tiny random model almost never ends a turn by itself
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: threads only add overhead (and stall badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class EotBoost(torch.nn.Module):
+    """Wraps an LM head so that the end-of-turn token has probability EOT_PROB (at temperature 1) everywhere."""
+
+    def __init__(self, head: torch.nn.Module, eot: int):
+        super().__init__()
+        self.head, self.eot = head, eot
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)
+        is_eot = torch.arange(logits.size(-1)) == self.eot
+        rest = logits.masked_fill(is_eot, float("-inf")).logsumexp(-1, keepdim=True)
+        return torch.where(is_eot, rest + math.log(EOT_PROB / (1 - EOT_PROB)), logits)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eagle_train")
+    make_checkpoint(folder, seed=3)
+    return folder
+
+
+def chatty_model(folder) -> M.Transformer:
+    model = M.load_model(folder)
+    model.output = EotBoost(model.output, D.cut_template(load_tokenizer(folder), model.args.vocab_size).eot)
+    return model
+
+
+def data_args(out, *extra) -> argparse.Namespace:
+    a = D.parse_args(["--checkpoint", "x", "--out", str(out), "--num", "40", "--batch", "16", "--max-len", "128",
+                      "--max-user-len", "12", "--exclude", "", "--device", "cpu", *extra])  # fmt: skip
+    D.check_args(a)
+    return a
+
+
+@pytest.fixture(scope="module")
+def dataset(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "eagle.pt"
+    data = D.make_dataset(chatty_model(ckpt), load_tokenizer(ckpt), data_args(out), CPU)
+    torch.save(data, out)
+    return out, data
+
+
+@torch.inference_mode()
+def test_decode_step_equals_model_features(ckpt):
+    model = M.load_model(ckpt)
+    B, S, T = 2, 70, 200  # S > BUCKET: the context bucket changes along the way
+    tokens = torch.randint(0, model.args.vocab_size, (B, S))
+    model.setup_caches(B, T)
+    ref = model.features(tokens, torch.arange(S))
+    model.setup_caches(B, T)
+    got = [D.decode_features(model, tokens[:, p], torch.tensor([p]), D.bucket(p, T)) for p in range(S)]
+    # 1e-4: the fixture's large weights amplify float32 rounding (standard-init weights agree to 1e-6)
+    torch.testing.assert_close(torch.stack(got, 1), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_records_follow_the_template(ckpt, dataset):
+    _, data = dataset
+    tok = load_tokenizer(ckpt)
+    tpl = D.cut_template(tok, 320)
+    assert tok.decode(tpl.prefix).endswith("<|im_start|>user\n")
+    assert tok.decode(tpl.header) == "\n<|im_start|>assistant\n"
+    assert tok.decode([tpl.eot]) == "<|im_end|>"
+    P, Hn, offsets = len(tpl.prefix), len(tpl.header), data["offsets"].tolist()
+    assert len(offsets) == 41 and data["meta"]["counts"]["kept"] == 40
+    users = set()
+    for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+        ids, mask = data["tokens"][a:b].tolist(), data["loss_mask"][a:b].tolist()
+        assert ids[:P] == tpl.prefix
+        u_end = ids.index(tpl.eot, P)  # the user's end-of-turn token
+        assert u_end > P, "empty user turn"
+        assert ids[u_end + 1 : u_end + 1 + Hn] == tpl.header, "the assistant header is forced"
+        start = u_end + 1 + Hn
+        assert b - a > start + 1 and ids[-1] == tpl.eot and tpl.eot not in ids[start:-1]
+        assert mask == [0] * start + [1] * (len(ids) - start), "loss mask = the answer and its end-of-turn token"
+        assert not set(ids[P:u_end] + ids[start:]) & set(tpl.banned)
+        users.add(D.normalize(tok.decode(ids[P:u_end])))
+    assert len(users) == 40, "user texts are unique"
+    c = data["meta"]["counts"]
+    dropped = c["user_cut"] + c["answer_cut"] + c["empty_user"] + c["empty_answer"] + c["duplicate"] + c["excluded"]
+    assert c["rows"] >= c["kept"] + dropped  # rows of the last batch past --num are not counted
+
+
+def test_generation_is_deterministic_and_resumable(ckpt, dataset, tmp_path):
+    out, data = dataset
+    shards = sorted(p.name for p in out.with_name(out.name + ".shards").iterdir())
+    assert shards[-1] == "settings.json" and len(shards) >= 2
+    again = D.make_dataset(chatty_model(ckpt), load_tokenizer(ckpt), data_args(out), CPU)  # resume
+    fresh = D.make_dataset(chatty_model(ckpt), load_tokenizer(ckpt), data_args(tmp_path / "b.pt"), CPU)
+    for d in (again, fresh):
+        assert torch.equal(d["tokens"], data["tokens"]) and torch.equal(d["loss_mask"], data["loss_mask"])
+    with pytest.raises(D.UserError, match="other settings"):
+        D.make_dataset(chatty_model(ckpt), load_tokenizer(ckpt), data_args(out, "--seed", "1"), CPU)
+
+    # --exclude applies when the shards are assembled: a question equal to the first user turn removes it
+    tok, P = load_tokenizer(ckpt), len(D.cut_template(load_tokenizer(ckpt), 320).prefix)
+    first = data["tokens"][: data["offsets"][1]].tolist()
+    user = tok.decode(first[P : first.index(2, P)])
+    (tmp_path / "q.jsonl").write_text(json.dumps({"turns": [user.upper() + "  "]}) + "\n")
+    d = D.make_dataset(chatty_model(ckpt), tok, data_args(out, "--exclude", str(tmp_path / "q.jsonl")), CPU)
+    assert d["meta"]["counts"]["excluded"] == 1 and torch.equal(d["tokens"][: len(data["tokens"]) - len(first)],
+                                                                 data["tokens"][len(first) :])  # fmt: skip
+
+
+def test_filter_drops_duplicates_and_mt_bench_questions():
+    questions = ["Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
+                 "experiences and must-see attractions.", "Prove the Pythagorean theorem."]  # fmt: skip
+    f = D.Filter(questions)
+    texts = {
+        "How do I bake bread?": True,
+        "how do  I bake BREAD?": False,  # duplicate after normalisation
+        "prove the  pythagorean theorem.": False,  # equals a question
+        "Please prove the Pythagorean theorem. Thanks!": False,  # contains one
+        "Write an engaging travel blog post about a recent trip to Hawaii, with tips.": False,  # shares an 8-gram
+        "Write a travel blog post about Hawaii.": True,  # some overlap, no 8-gram
+    }
+    assert [f.keep(t) for t in texts] == list(texts.values())
+    assert f.counts == {"duplicate": 1, "excluded": 3}
+    assert D.read_questions(str(ROOT / "data" / "mt_bench" / "question.jsonl"))[0].startswith("Compose an engaging")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("steps", [1, 3])
+def test_training_forward_equals_cached_head(ckpt, steps):
+    """Step 0 equals EagleHead's cached causal forward; unrolled step j at index i equals drafting a chain from i."""
+    target = M.load_model(ckpt)
+    torch.manual_seed(0)
+    head = TE.new_head(target, "random").eval()
+    S = 12
+    tokens = torch.randint(0, target.args.vocab_size, (1, S + steps))
+    feats = torch.randn(1, S, target.args.dim)
+    emb = target.tok_embeddings(tokens[:, 1:])  # t_{i+1} at index i
+    rope = M.rope_table(head.args, S + steps)
+    outs = TE.head_unrolled(head, emb[:, :S], feats, rope, steps)
+    head.setup_cache(S + steps, 0)
+    slots = torch.arange(S + steps)
+    for i in range(S - steps + 1):
+        pos = torch.arange(i + 1)  # committed pairs (f_m, t_{m+1}), m <= i
+        y = head(emb[:, : i + 1], feats[:, : i + 1], pos, pos, (slots[None] <= pos[:, None])[None, None])[:, -1:]
+        torch.testing.assert_close(outs[0][:, i], y[:, 0], atol=1e-5, rtol=1e-5)
+        for j in range(1, steps):  # the chain: (own previous output, t_{i+j+1}) at position/slot i + j
+            p = torch.tensor([i + j])
+            y = head(emb[:, i + j : i + j + 1], y, p, p, (slots <= i + j)[None, None, None])
+            torch.testing.assert_close(outs[j][:, i], y[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_sharegpt_conversations_mask_assistant_turns(ckpt, tmp_path):
+    tok = load_tokenizer(ckpt)
+    path = tmp_path / "sharegpt.jsonl"
+    rows = [{"conversations": [{"from": "human", "value": "Hello, who are you?"},
+                               {"from": "gpt", "value": "I am a helpful assistant."},
+                               {"from": "human", "value": "The quick brown fox?"},
+                               {"from": "gpt", "value": "Jumps over the lazy dog."}]},
+            {"conversations": [{"from": "robot", "value": "?"}]}]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    c = TE.load_sharegpt(str(path), tok, 320, 2048)
+    assert len(c) == 1
+    ids, mask = c.tokens.tolist(), c.mask.tolist()
+    assert tok.decode(ids) == tok.render_chat([{"role": "user" if i % 2 == 0 else "assistant", "content": t["value"]}
+                                               for i, t in enumerate(rows[0]["conversations"])], False)  # fmt: skip
+    masked = tok.decode([t if m else tok.token_id("<|endoftext|>") for t, m in zip(ids, mask, strict=True)])
+    assert [s for s in masked.split("<|endoftext|>") if s] == ["I am a helpful assistant.<|im_end|>",
+                                                                "Jumps over the lazy dog.<|im_end|>"]  # fmt: skip
+
+
+def test_short_training_run_lowers_loss_and_saves_a_loadable_head(ckpt, dataset, tmp_path, capsys):
+    data_file, _ = dataset
+    out = tmp_path / "head"
+    record = TE.main(["--checkpoint", str(ckpt), "--data", str(data_file), "--out", str(out), "--epochs", "3",
+                      "--lr", "3e-3", "--warmup", "2", "--batch-tokens", "256", "--ttt-steps", "1", "--holdout", "0.2",
+                      "--eval-steps", "3", "--device", "cpu"])  # fmt: skip
+    hist = record["history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
+    assert hist[-1]["heldout"]["loss"] < 0.9 * hist[0]["heldout"]["loss"]
+    assert hist[-1]["train_loss"] < hist[1]["train_loss"]
+    assert 1 <= hist[-1]["heldout"]["tau_chain3"] <= 4 and len(hist[-1]["heldout"]["acc"]) == 3
+    head = Dr.load_head(out, M.load_model(ckpt).args)
+    assert json.loads((out / "config.json").read_text())["training"]["epochs_done"] == 3
+    assert head.args.n_layers == 1 and not head.fc.weight.requires_grad
+
+
+def test_cli_errors(ckpt, tmp_path, capsys):
+    def error(main, *args) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(list(args))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")
+        return err[0]
+
+    assert "give training data" in error(TE.main, "--checkpoint", str(ckpt), "--out", str(tmp_path / "h"))
+    assert "data file not found" in error(TE.main, "--checkpoint", str(ckpt), "--data", "nope.pt", "--out", "h")
+    assert "checkpoint not found" in error(D.main, "--checkpoint", str(tmp_path / "none"), "--out", "d.pt")
+    assert "--max-len" in error(D.main, "--checkpoint", str(ckpt), "--out", "d.pt", "--max-len", "40")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_eagle.py"), "--checkpoint", str(ckpt), "--out",
+                        str(tmp_path / "h")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("error: give training data")
