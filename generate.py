@@ -244,12 +244,17 @@ def eagle_verify(target: Transformer, tree: Tree, st: EagleState, s: Sampling) -
     return torch.cat([emitted, acc + 1])
 
 
+def eagle_round(head: EagleHead, target: Transformer, tree: Tree, st: EagleState, s: Sampling) -> Tensor:
+    eagle_draft(head, target, tree, st)
+    return eagle_verify(target, tree, st, s)
+
+
 class EagleGenerator(Generator):
     """EAGLE speculative decoding: per round, draft a tree (compiled), verify it with one target forward (compiled),
     keep the longest accepted path. Lossless: see tree.verify."""
 
     def __init__(self, model: Transformer, head: EagleHead, tree: Tree, sampling: Sampling, need: int,
-                 compile: bool = False, compile_prefill: bool = False):  # fmt: skip
+                 compile: bool = False, compile_prefill: bool = False, one_graph: bool = False):  # fmt: skip
         R, N = tree.D + 1, tree.N
         # A launched-ahead round may start up to R tokens past the budget and writes N slots from there.
         super().__init__(model, sampling, round_up(need + 2 * R + N, 64), compile, compile_prefill)
@@ -260,6 +265,8 @@ class EagleGenerator(Generator):
         self.state = EagleState(R, N, model.args.dim, self.device, model.norm.weight.dtype)
         self.draft = compile_step(eagle_draft, self.device) if compile else eagle_draft
         self.verify = compile_step(eagle_verify, self.device) if compile else eagle_verify
+        # one_graph: draft and verification in a single graph per round (no draft/verify time split).
+        self.round = (compile_step(eagle_round, self.device) if compile else eagle_round) if one_graph else None
 
     def _start(self, prompt: Tensor) -> Tensor:
         root, h = self.prefill(self.model, prompt, self.sampling)  # [1, 1], [1, P, D]
@@ -276,9 +283,17 @@ class EagleGenerator(Generator):
         return torch.cat([st.tokens, st.n])
 
     def _launch(self) -> Tensor:
+        # Each graph starts a new CUDA-graph "generation": the round state lives in module buffers, not in graph
+        # outputs, so nothing from the previous replay is needed, and CUDA graph trees need not checkpoint memory.
         t0 = timer(self.device)
+        torch.compiler.cudagraph_mark_step_begin()
+        if self.round is not None:
+            out = self.round(self.head, self.model, self.tree, self.state, self.sampling)
+            self.timing.append((t0, t0, timer(self.device)))
+            return out
         self.draft(self.head, self.model, self.tree, self.state)
         t1 = timer(self.device)
+        torch.compiler.cudagraph_mark_step_begin()
         out = self.verify(self.model, self.tree, self.state, self.sampling)
         self.timing.append((t0, t1, timer(self.device)))
         return out

@@ -114,10 +114,11 @@ def profile(gen: G.Generator, prompt: list[int], max_new: int, tag: str) -> None
         r = gen.generate(prompt, max_new, set(), ignore_eos=True)
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = [e for e in events if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
-    launches = max(len(r.output_ids) - 1, 1)
-    head = (
-        f"{tag}: {len(kernels)} kernels for {len(r.output_ids)} tokens ({len(kernels) / launches:.1f} per step/round)"
-    )
+    steps = r.stats.get("rounds", max(len(r.output_ids) - 1, 1))
+    gpu_busy = sum(e.device_time for e in kernels) / 1e6  # seconds
+    head = (f"{tag}: {len(kernels)} kernels for {len(r.output_ids)} tokens in {steps} steps/rounds "
+            f"({len(kernels) / steps:.1f} per step/round); wall {r.seconds * 1e3 / steps:.3f} ms and "
+            f"GPU busy {gpu_busy * 1e3 / steps:.3f} ms per step/round (profiler on)")  # fmt: skip
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
     table += prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=90)
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
@@ -206,10 +207,12 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
     res["plain"] = {"tokens_per_s": sum(len(r.output_ids) for r in runs) / sum(r.seconds for r in runs)}
     head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
     for spec in tree_specs:
-        gen = G.EagleGenerator(model, head, T.build_tree(T.parse_tree_spec(spec)), G.Sampling(), T_, compile=True)
+        one_graph = spec.endswith("+1g")  # variant: draft and verification in one CUDA graph
+        tree = T.build_tree(T.parse_tree_spec(spec.removesuffix("+1g")))
+        gen = G.EagleGenerator(model, head, tree, G.Sampling(), T_, compile=True, one_graph=one_graph)
         gen.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
         eruns = [gen.generate(p, max_new, tok.stop_ids) for p in prompts]
-        profile(gen, prompts[0], max_new, f"eagle_{spec.replace(':', '')}")
+        profile(gen, prompts[0], max_new, f"eagle_{spec.replace(':', '').replace('+', '_')}")
         toks = sum(len(r.output_ids) for r in eruns)
         rounds = sum(r.stats["rounds"] for r in eruns)
         taus = [r.stats["accept_len_mean"] for r in eruns]
@@ -224,6 +227,7 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
             "identical_outputs_bf16": same,
             "draft_s": sum(r.stats["draft_seconds"] for r in eruns),
             "verify_s": sum(r.stats["verify_seconds"] for r in eruns),
+            "seconds": sum(r.seconds for r in eruns), "rounds": rounds, "tokens": toks,
         }  # fmt: skip
         print(json.dumps({spec: res[spec]}), flush=True)
     return res
