@@ -53,12 +53,28 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * n * 2 / statistics.median(times[5:])
 
 
+QUANT: dict | None = None  # --quant: {"mode": "int8"} or {"mode": "int4", "groupsize": 64}
+
+
 def random_model(name: str, dtype=torch.bfloat16) -> M.Transformer:
     args = M.ModelArgs.from_name(name)
     with torch.device("cuda"):
         model = M.Transformer(args).to(dtype)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    if QUANT:  # quantize in memory, exactly as quantize.py + load_model would
+        import quantize  # noqa: PLC0415
+
+        sd, _ = quantize.quantize_state_dict(model.state_dict(), args, QUANT, device="cuda", progress=False)
+        with torch.device("meta"):
+            model = M.Transformer(args)
+        quantize.swap_linears(model, QUANT)
+        model.load_state_dict(sd, assign=True, strict=True)
+        model = model.cuda()
+        for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and "scales" not in n and "zeros" not in n:
+                t.data = t.data.to(dtype)  # as load_model does
+        quantize.prepare_for_device(model, QUANT, dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -247,9 +263,13 @@ def main() -> None:
     p.add_argument("--out", default="bench.json")
     p.add_argument("--profile", default=None, metavar="DIR", help="write kernel tables of warm runs here")
     p.add_argument("--tuned", action="store_true", help="coordinate-descent tuning of Inductor kernels")
+    p.add_argument("--quant", default=None, help="7b only: int8 or int4[:G] weight-only quantization in memory")
     a = p.parse_args()
-    global PROFILE_DIR
+    global PROFILE_DIR, QUANT
     PROFILE_DIR = Path(a.profile) if a.profile else None
+    if a.quant:
+        mode, _, g = a.quant.partition(":")
+        QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
     if not torch.cuda.is_available():
         sys.exit("error: bench.py needs a CUDA GPU")
     G.set_inductor_flags(a.tuned)
@@ -265,7 +285,7 @@ def main() -> None:
         if a.plain:
             r = bench_plain(name, a.prompts if name == "smollm2" else 5, max_new)
             r["fraction_of_copy_bw"] = r["weight_gb_per_s"] / res["copy_gb_per_s"]
-            res[f"plain_{name}"] = r
+            res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}"] = r
             print(json.dumps(r), flush=True)
         if a.rounds:
             for spec in a.tree or ["default"]:
