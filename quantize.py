@@ -194,7 +194,12 @@ class WeightOnlyInt8Linear(nn.Module):
         self.scales = self.scales.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if x.dim() == 3 and x.size(0) * x.size(1) == 1:
+            # One token: written as multiply + sum so that torch.compile makes one reduction kernel that reads the
+            # int8 weight directly (F.linear would first write a converted copy of the whole weight).
+            y = (x[..., None, :] * self.weight.to(x.dtype)).sum(-1) * self.scales  # [1, 1, N]
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -283,3 +283,16 @@ def test_cli_rejects_bad_tree_and_head(tiny_ckpt, tmp_path):
     Dr.save_head(random_head(small), tmp_path / "head32")
     r = run_cli("--checkpoint", str(tiny_ckpt), "--eagle", str(tmp_path / "head32"))
     assert r.returncode != 0 and "does not fit" in r.stderr and "Traceback" not in r.stderr
+
+
+@torch.inference_mode()
+def test_split_timing_rounds_equal_one_graph_rounds(tiny_ckpt):
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    tree = T.build_tree(T.EAGLE1_TREE)
+    one = G.EagleGenerator(load(tiny_ckpt), random_head(args), tree, G.Sampling(), 100).generate(
+        PROMPT, 20, set(), True
+    )
+    two = G.EagleGenerator(load(tiny_ckpt), random_head(args), tree, G.Sampling(), 100, split_timing=True)
+    split = two.generate(PROMPT, 20, set(), True)
+    assert one.output_ids == split.output_ids
+    assert one.stats["draft_seconds"] is None and split.stats["draft_seconds"] > 0

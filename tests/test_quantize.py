@@ -477,3 +477,18 @@ def test_smollm2_nll(smol, mode, groupsize, max_delta):
     nll = PPL.evaluate_nll(M.load_model(path, device="cpu", dtype=torch.bfloat16), ids)["nll"]
     print(f"{path.name}: nll {nll:.4f} vs bf16 {base:.4f} (+{nll - base:.4f} nats)")
     assert nll - base < max_delta
+
+
+def test_int8_one_token_path_equals_matmul():
+    """The one-token int8 path (multiply + sum, so torch.compile fuses the int8 read) equals the plain matmul path."""
+    torch.manual_seed(0)
+    lin = Q.WeightOnlyInt8Linear(96, 40, bias=True)
+    lin.weight = torch.randint(-127, 128, (40, 96), dtype=torch.int8)
+    lin.scales = torch.rand(40)
+    lin.bias = torch.randn(40)
+    x = torch.randn(1, 1, 96)
+    ref = torch.nn.functional.linear(x, lin.weight.float()) * lin.scales + lin.bias
+    torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
+    x3 = torch.randn(1, 3, 96)  # several tokens take the matmul path
+    ref3 = torch.nn.functional.linear(x3, lin.weight.float()) * lin.scales + lin.bias
+    torch.testing.assert_close(lin(x3), ref3, atol=1e-4, rtol=1e-4)
