@@ -168,8 +168,10 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
     model.setup_caches(1, T_)
     fwd = G.compile_step(lambda m, tok, pos, slots, mask: m(tok, pos, slots, mask), torch.device("cuda"))
     for n in sorted({1, 8, 26, 64, tree.N}):
-        tree = T.build_tree(T.parse_tree_spec(f"chain:{n - 1}")) if n > 1 else None
-        anc = tree.ancestors.cuda() if tree else torch.ones(1, 1, dtype=torch.bool, device="cuda")
+        chain = (
+            T.build_tree(T.parse_tree_spec(f"chain:{n - 1}")) if n > 1 else None
+        )  # the cost is the same for any tree
+        anc = chain.ancestors.cuda() if chain else torch.ones(1, 1, dtype=torch.bool, device="cuda")
         tok = torch.randint(0, model.args.vocab_size, (1, n), device="cuda")
         slots = L + torch.arange(n, device="cuda")
         mask = T.target_tree_mask(anc, L, T_)
