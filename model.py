@@ -308,8 +308,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return folder, weights
 
 
-def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """Build the model from config.json and load weights (plain or quantized) onto `device` in `dtype`."""
+def read_checkpoint(path: str | Path) -> tuple[Path, ModelArgs, dict, dict | None]:
+    """(weights file, args, state dict on the CPU (memory-mapped), quantization dict or None)."""
     folder, weights = resolve_checkpoint(path)
     try:
         args = ModelArgs.from_json(folder / "config.json")
@@ -322,6 +322,14 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float3
     quant = None
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         quant, ckpt = ckpt.get("quantization"), ckpt["state_dict"]
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{weights} holds no state dict")
+    return weights, args, ckpt, quant
+
+
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build the model from config.json and load weights (plain or quantized) onto `device` in `dtype`."""
+    weights, args, ckpt, quant = read_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(args)
     if quant:

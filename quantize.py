@@ -45,7 +45,6 @@ Run time (prepare_for_device):
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
@@ -56,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import CheckpointError, ModelArgs, Transformer, resolve_checkpoint
+from model import CheckpointError, ModelArgs, Transformer, read_checkpoint
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)  # what both tinygemm kernels (CUDA and CPU) accept
@@ -490,21 +489,10 @@ def quantize_checkpoint(path, mode: str, groupsize: int | None = None, device="c
     if groupsize is not None and groupsize not in GROUPSIZES:
         raise QuantizeError(f"--groupsize must be one of {', '.join(map(str, GROUPSIZES))}, not {groupsize}")
 
-    folder, weights = resolve_checkpoint(path)
-    try:
-        args = ModelArgs.from_json(folder / "config.json")
-    except (ValueError, TypeError, json.JSONDecodeError) as e:
-        raise QuantizeError(f"bad config.json in {folder}: {e}") from None
-    try:
-        ckpt = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt file can raise many things
-        raise QuantizeError(f"cannot read {weights}: {e}") from None
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        if ckpt.get("quantization"):
-            raise QuantizeError(f"{weights} is already quantized ({ckpt['quantization']}): start from the float one")
-        ckpt = ckpt["state_dict"]
-    if not isinstance(ckpt, dict):
-        raise QuantizeError(f"{weights} holds no state dict")
+    weights, args, ckpt, quantized = read_checkpoint(path)  # raises CheckpointError
+    folder = weights.parent
+    if quantized:
+        raise QuantizeError(f"{weights} is already quantized ({quantized}): start from the float one")
 
     notes = []
     if mode == "int4":

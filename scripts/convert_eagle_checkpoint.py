@@ -27,7 +27,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import torch  # noqa: E402
-from convert_hf_checkpoint import ConversionError, read_weights, rope_settings, weight_files  # noqa: E402
+from convert_hf_checkpoint import (  # noqa: E402
+    ConversionError,
+    check_names_and_shapes,
+    read_weights,
+    rope_settings,
+    weight_files,
+)
 from torch import Tensor  # noqa: E402
 
 from draft import EagleHead, save_head  # noqa: E402
@@ -137,13 +143,7 @@ def check_head_state_dict(sd: dict[str, Tensor], args: ModelArgs, fc_bias: bool)
     """Names and shapes must be exactly what EagleHead(args, fc_bias) expects."""
     with torch.device("meta"):
         expected = EagleHead(args, fc_bias).state_dict()
-    if missing := sorted(expected.keys() - sd.keys()):
-        raise ConversionError(f"converted weights lack {missing[0]!r}")
-    if extra := sorted(sd.keys() - expected.keys()):
-        raise ConversionError(f"unexpected converted tensor {extra[0]!r}")
-    for name, t in expected.items():
-        if sd[name].shape != t.shape:
-            raise ConversionError(f"{name}: shape {tuple(sd[name].shape)} but config.json implies {tuple(t.shape)}")
+    check_names_and_shapes(sd, expected, "config.json")
 
 
 def resolve_fc_bias(cfg: dict, hf: dict[str, Tensor]) -> bool:

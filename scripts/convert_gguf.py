@@ -22,12 +22,13 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from convert_hf_checkpoint import ConversionError, check_state_dict  # noqa: E402
 from gguf import GGUFReader, GGUFValueType  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model import ModelArgs, Transformer, rope_inv_freq, save_checkpoint  # noqa: E402
+from model import ModelArgs, rope_inv_freq, save_checkpoint  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GLOBAL_NAMES = {
@@ -44,10 +45,6 @@ LAYER_NAMES = {  # blk.{i}.<gguf> -> layers.{i}.<ours>; q/k/v and gate/up are fu
 FUSED = {"attn_q.weight": 0, "attn_k.weight": 1, "attn_v.weight": 2, "ffn_gate.weight": 0, "ffn_up.weight": 1}
 TOKEN_TYPE_CONTROL = 3
 _MISSING = object()
-
-
-class ConversionError(Exception):
-    """A user-facing problem: printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,21 +171,6 @@ def read_tensors(reader: GGUFReader, args: ModelArgs, dtype: torch.dtype) -> tup
     return sd, rope_freqs
 
 
-def check_state_dict(sd: dict[str, Tensor], args: ModelArgs) -> None:
-    """Names and shapes must be exactly what Transformer(args) expects."""
-    with torch.device("meta"):
-        expected = Transformer(args).state_dict()
-    if args.tie_embeddings:
-        expected.pop("output.weight")
-    if missing := sorted(expected.keys() - sd.keys()):
-        raise ConversionError(f"GGUF lacks the tensor for {missing[0]!r}")
-    if extra := sorted(sd.keys() - expected.keys()):
-        raise ConversionError(f"unexpected converted tensor {extra[0]!r}")
-    for name, t in expected.items():
-        if sd[name].shape != t.shape:
-            raise ConversionError(f"{name}: shape {tuple(sd[name].shape)} but the metadata implies {tuple(t.shape)}")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -258,7 +240,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
     if rope_freqs is not None:
         args.rope_scaling = rope_scaling_from_factors(rope_freqs, args)
     args.tie_embeddings = "output.weight" not in sd
-    check_state_dict(sd, args)
+    check_state_dict(sd, args, source="the GGUF metadata")
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer == "gpt2":
         write_gpt2_tokenizer(reader, out)

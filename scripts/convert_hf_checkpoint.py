@@ -234,19 +234,24 @@ def convert_state_dict(hf: dict[str, Tensor], args: ModelArgs) -> dict[str, Tens
     return sd
 
 
-def check_state_dict(sd: dict[str, Tensor], args: ModelArgs) -> None:
+def check_state_dict(sd: dict[str, Tensor], args: ModelArgs, source: str = "config.json") -> None:
     """Names and shapes must be exactly what Transformer(args) expects."""
     with torch.device("meta"):
         expected = Transformer(args).state_dict()
     if args.tie_embeddings:
         expected.pop("output.weight")
+    check_names_and_shapes(sd, expected, source)
+
+
+def check_names_and_shapes(sd: dict[str, Tensor], expected: dict[str, Tensor], source: str) -> None:
+    """sd must hold exactly the names of `expected`, with the same shapes (`source` names where those came from)."""
     if missing := sorted(expected.keys() - sd.keys()):
         raise ConversionError(f"converted weights lack {missing[0]!r}")
     if extra := sorted(sd.keys() - expected.keys()):
         raise ConversionError(f"unexpected converted tensor {extra[0]!r}")
     for name, t in expected.items():
         if sd[name].shape != t.shape:
-            raise ConversionError(f"{name}: shape {tuple(sd[name].shape)} but config.json implies {tuple(t.shape)}")
+            raise ConversionError(f"{name}: shape {tuple(sd[name].shape)} but {source} implies {tuple(t.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
