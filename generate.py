@@ -199,6 +199,8 @@ class Generator:
             if len(pipe) == 0 or len(out.ids) + len(pipe) * self.tokens_per_launch < max_new:
                 pipe.push(self._launch())
             out.add(self._tokens(pipe.pop()))
+        if out.stream:
+            out.on_text(out.stream.flush())  # text held back for an unfinished character
         sync(self.device)
         return Result(out.ids, time.perf_counter() - t0, t_prefill, self._stats())
 

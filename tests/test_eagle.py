@@ -296,3 +296,15 @@ def test_split_timing_rounds_equal_one_graph_rounds(tiny_ckpt):
     split = two.generate(PROMPT, 20, set(), True)
     assert one.output_ids == split.output_ids
     assert one.stats["draft_seconds"] is None and split.stats["draft_seconds"] > 0
+
+
+@torch.inference_mode()
+def test_eagle_sampling_runs_seeded(tiny_ckpt):
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    s = G.Sampling(0.9, top_k=20, top_p=0.95)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(eagle(tiny_ckpt, random_head(args), "default", PROMPT, 25, sampling=s).output_ids)
+    assert outs[0] == outs[1] and len(outs[0]) == 25
+    assert all(0 <= t < args.vocab_size for t in outs[0])

@@ -115,3 +115,9 @@ def test_cli_error_files(tiny_ckpt, tmp_path):
     assert_one_line_error(run_cli("--checkpoint", str(broken)), "cannot read")
     long_prompt = "Hello " * 600  # the tiny model's context is 512
     assert_one_line_error(run_cli("--checkpoint", str(tiny_ckpt), "--prompt", long_prompt), "context")
+
+
+def test_cli_interactive_chat(tiny_ckpt):
+    r = run_cli("--checkpoint", str(tiny_ckpt), "--interactive", "--max-new-tokens", "4", input="Hello\nMore\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("bot> ") == 2 and "tok/s" in r.stderr
