@@ -492,3 +492,23 @@ def test_int8_one_token_path_equals_matmul():
     x3 = torch.randn(1, 3, 96)  # several tokens take the matmul path
     ref3 = torch.nn.functional.linear(x3, lin.weight.float()) * lin.scales + lin.bias
     torch.testing.assert_close(lin(x3), ref3, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("mode", "groupsize"), [("int8", None), ("int4", 32)])
+def test_eagle_greedy_equals_plain_greedy_on_quantized_target(tmp_path, capsys, mode, groupsize):
+    import draft
+    import generate as G
+    import tree as T
+
+    args = tiny_checkpoint(tmp_path)
+    Q.main(["--checkpoint", str(tmp_path), "--mode", mode] + (["--groupsize", str(groupsize)] if groupsize else []))
+    capsys.readouterr()
+    path = tmp_path / ("model_int8.pth" if mode == "int8" else f"model_int4.g{groupsize}.pth")
+    prompt = [1, 17, 42, 99, 5]
+    with torch.inference_mode():
+        plain = G.Generator(M.load_model(path), G.Sampling(), 128).generate(prompt, 24, set(), True).output_ids
+        torch.manual_seed(0)
+        head = draft.EagleHead(M.ModelArgs(**{**args.to_dict(), "n_layers": 1})).eval()  # drafts stay float
+        tree = T.build_tree(T.EAGLE1_TREE)
+        got = G.EagleGenerator(M.load_model(path), head, tree, G.Sampling(), 64).generate(prompt, 24, set(), True)
+    assert got.output_ids == plain
