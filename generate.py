@@ -190,10 +190,10 @@ class Generator:
                             f"({self.max_seq_length} slots)")  # fmt: skip
         out = Emitter(max_new, stop_ids, ignore_eos, on_text, tok)
         sync(self.device)
-        t0 = time.perf_counter()
+        t0, p0 = time.perf_counter(), timer(self.device)
         pipe = Pipe(self.device)
         pipe.push(self._start(torch.tensor([prompt], device=self.device)))
-        t_prefill = time.perf_counter() - t0
+        p1 = timer(self.device)
         # Launch one step/round ahead of the host, but never past max_new tokens in all, so the cache cannot overflow.
         while not out.done:
             if len(pipe) == 0 or len(out.ids) + len(pipe) * self.tokens_per_launch < max_new:
@@ -202,7 +202,7 @@ class Generator:
         if out.stream:
             out.on_text(out.stream.flush())  # text held back for an unfinished character
         sync(self.device)
-        return Result(out.ids, time.perf_counter() - t0, t_prefill, self._stats())
+        return Result(out.ids, time.perf_counter() - t0, elapsed(p0, p1), self._stats())
 
 
 class EagleState(torch.nn.Module):
