@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from model import Block, CheckpointError, ModelArgs, Transformer, rope_table
-from tree import Tree
+from tree import DynamicTree, Tree, tree_from_candidates
 
 
 class EagleHead(nn.Module):
@@ -65,20 +65,13 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
     n [1]: the pairs (f_{L-n+j}, t_{L-n+j+1}) for j < n. Rows j >= n are padding; they land in slots >= L, which the
     next round overwrites before anything attends to them.
     """
-    R, dev = tokens.size(0), tokens.device
-    slots = torch.arange(head.rope.size(0), device=dev)  # [slots]
-    committed = slots < L  # [slots]
-
-    # 1) Catch-up forward over the accepted pairs: positions/slots L-n .. L-n+R-1, causal.
-    pos = L - n + torch.arange(R, device=dev)  # [R]
-    y = head(target.tok_embeddings(tokens)[None], feats[None], pos, pos, (slots[None] <= pos[:, None])[None, None])
-    last = (n - 1).reshape(1)  # index of the root's pair: [1]
-    prev_feats = y[0].index_select(0, last)  # predicted f_L for the root: [1, D]
+    committed = torch.arange(head.rope.size(0), device=tokens.device) < L  # [slots]
+    prev_feats, root = catch_up(head, target, L, tokens, feats, n)
     prev_ids = torch.topk(target.output(prev_feats), tree.K, dim=-1).indices.flatten()  # [K]
 
     # 2) Expansion: at step d the depth-d nodes that have children are fed at position L+d-1, each with its parent's
     #    predicted feature, into its own scratch slot; it sees the committed prefix and its scratch ancestors.
-    node_tokens = [tokens.index_select(0, last)]  # per depth, in node order
+    node_tokens = [root]  # per depth, in node order
     for d in range(1, tree.D + 1):
         lo, hi = tree.depth_start[d], tree.depth_start[d + 1]
         depth_tokens = prev_ids[tree.child_src[lo:hi]]  # [hi - lo]
@@ -96,6 +89,58 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
         prev_feats = y
         prev_ids = torch.topk(target.output(y), tree.K, dim=-1).indices.flatten()  # [F * K]
     return torch.cat(node_tokens)
+
+
+def catch_up(head: EagleHead, target: Transformer, L: Tensor, tokens: Tensor, feats: Tensor, n: Tensor):
+    """Forward over the accepted pairs at positions/slots L-n .. L-n+R-1 (causal). Returns the predicted feature of
+    the root [1, D] and the root token [1]."""
+    R, dev = tokens.size(0), tokens.device
+    slots = torch.arange(head.rope.size(0), device=dev)  # [slots]
+    pos = L - n + torch.arange(R, device=dev)  # [R]
+    y = head(target.tok_embeddings(tokens)[None], feats[None], pos, pos, (slots[None] <= pos[:, None])[None, None])
+    last = (n - 1).reshape(1)  # index of the root's pair: [1]
+    return y[0].index_select(0, last), tokens.index_select(0, last)
+
+
+def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, L: Tensor, tokens: Tensor,
+                       feats: Tensor, n: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
+    """EAGLE-2 drafting with constant shapes. Same inputs as draft_tree; returns (node_tokens [N], parent [N],
+    depth [N], ancestors [N, N], path_nodes [N, D+1]) for this round's tree.
+
+    Step i (1..D-1) feeds the K frontier nodes (the best K of the previous step's K*K children by cumulative
+    log-probability) at position L+i-1 into scratch slots committed+(i-1)K..; each sees the committed prefix and the
+    frontier rows it descends from. Every child of every expanded node is a candidate; tree_from_candidates keeps the
+    N-1 best.
+    """
+    K, dev = tree.K, tokens.device
+    committed = (torch.arange(head.committed_slots, device=dev) < L)[None].expand(K, -1)  # [K, committed]
+    root_feat, root = catch_up(head, target, L, tokens, feats, n)
+    logp = target.output(root_feat).float().log_softmax(-1)  # [1, V]
+    top = torch.topk(logp, K, dim=-1)
+    f_score, f_tok = top.values[0], top.indices[0]  # the frontier: [K]
+    f_feat, f_cand = root_feat.expand(K, -1), torch.arange(K, device=dev)  # parent feature, candidate index
+    f_anc = torch.zeros(K, (tree.D - 1) * K, dtype=torch.bool, device=dev)  # scratch rows each frontier row sees
+    scores, cand_tokens, parents = [f_score], [f_tok], [torch.full((K,), -1, device=dev)]
+    rows = torch.arange(K, device=dev)
+    for i in range(1, tree.D):
+        f_anc = f_anc.clone()
+        f_anc[rows, (i - 1) * K + rows] = True  # each row sees itself
+        scratch = head.committed_slots + (i - 1) * K + rows
+        mask = torch.cat([committed, f_anc], dim=1)[None, None]  # [1, 1, K, slots]
+        y = head(target.tok_embeddings(f_tok)[None], f_feat[None], (L + i - 1).expand(K), scratch, mask)[0]  # [K, D]
+        top = torch.topk(target.output(y).float().log_softmax(-1), K, dim=-1)  # children of each frontier row
+        cu = (f_score[:, None] + top.values).flatten()  # cumulative log-probability: [K*K]
+        offset = K + (i - 1) * K * K  # candidate index of this step's first child
+        scores.append(cu)
+        cand_tokens.append(top.indices.flatten())
+        parents.append(f_cand.repeat_interleave(K))
+        best = torch.topk(cu, K).indices  # the next frontier: [K]
+        prow = best // K
+        f_score, f_tok, f_feat = cu[best], top.indices.flatten()[best], y[prow]
+        f_cand, f_anc = offset + best, f_anc[prow]
+    kept, parent, depth, ancestors, path_nodes = tree_from_candidates(torch.cat(scores), torch.cat(parents), tree.N,
+                                                                      tree.D)  # fmt: skip
+    return (torch.cat([root, torch.cat(cand_tokens)[kept]]), parent, depth, ancestors, path_nodes)
 
 
 class HeadError(CheckpointError):

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from draft import EagleHead, draft_tree, load_head
+from draft import EagleHead, draft_dynamic_tree, draft_tree, load_head
 from model import CheckpointError, Transformer, load_model
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError, load_tokenizer
-from tree import Tree, TreeError, build_tree, parse_tree_spec, target_tree_mask, verify
+from tree import DynamicTree, Tree, TreeError, build_tree, parse_dynamic_spec, parse_tree_spec, target_tree_mask, verify
 
 
 class UserError(Exception):
@@ -210,30 +210,38 @@ class EagleState(torch.nn.Module):
 
     L [1]: committed target length; the root t_L (last emitted token, not yet in the target cache) is tokens[n-1].
     tokens [R], feats [R, D], n [1]: the last round's emitted tokens and the target features before each of them,
-    i.e. the draft pairs to catch up on. node_tokens [N]: this round's draft tree.
+    i.e. the draft pairs to catch up on. node_tokens [N]: this round's draft tree, whose shape is parent [N],
+    depth [N], ancestors [N, N] and path_nodes [N, R] (constant for a static tree, rebuilt each round for EAGLE-2).
     """
 
     def __init__(self, R: int, N: int, dim: int, device, dtype):
         super().__init__()
         z = lambda *shape, dt=torch.long: torch.zeros(shape, dtype=dt, device=device)
-        for name, t in dict(L=z(1), n=z(1), tokens=z(R), feats=z(R, dim, dt=dtype), node_tokens=z(N)).items():
+        buffers = dict(L=z(1), n=z(1), tokens=z(R), feats=z(R, dim, dt=dtype), node_tokens=z(N), parent=z(N),
+                       depth=z(N), ancestors=z(N, N, dt=torch.bool), path_nodes=z(N, R))  # fmt: skip
+        for name, t in buffers.items():
             self.register_buffer(name, t, persistent=False)
 
 
-def eagle_draft(head: EagleHead, target: Transformer, tree: Tree, st: EagleState) -> None:
-    st.node_tokens.copy_(draft_tree(head, target, tree, st.L, st.tokens, st.feats, st.n))
+def eagle_draft(head: EagleHead, target: Transformer, tree: Tree | DynamicTree, st: EagleState) -> None:
+    if isinstance(tree, DynamicTree):  # EAGLE-2: the tree's shape changes every round
+        built = draft_dynamic_tree(head, target, tree, st.L, st.tokens, st.feats, st.n)
+        for buf, t in zip((st.node_tokens, st.parent, st.depth, st.ancestors, st.path_nodes), built, strict=True):
+            buf.copy_(t)
+    else:
+        st.node_tokens.copy_(draft_tree(head, target, tree, st.L, st.tokens, st.feats, st.n))
 
 
-def eagle_verify(target: Transformer, tree: Tree, st: EagleState, s: Sampling) -> Tensor:
+def eagle_verify(target: Transformer, tree: Tree | DynamicTree, st: EagleState, s: Sampling) -> Tensor:
     """One target forward over the N tree tokens, acceptance, KV compaction. Returns [R + 1]: tokens, count."""
     N, R, dev = tree.N, tree.D + 1, st.L.device
-    pos = st.L + tree.depth  # RoPE position = committed length + depth: [N]
+    pos = st.L + st.depth  # RoPE position = committed length + depth: [N]
     slots = st.L + torch.arange(N, device=dev)  # consecutive cache slots: [N]
-    mask = target_tree_mask(tree.ancestors, st.L, target.max_seq_length)  # [1, 1, N, T]
+    mask = target_tree_mask(st.ancestors, st.L, target.max_seq_length)  # [1, 1, N, T]
     logits, h = target(st.node_tokens[None], pos, slots, mask, return_hidden=True)  # [1, N, V], [1, N, D]
     choice = sample(logits[0], s)  # the target's token at every node: [N]
-    best, acc = verify(st.node_tokens, choice, tree)
-    path = tree.path_nodes.index_select(0, best)[0]  # root .. best, padded with best: [R]
+    best, acc = verify(st.node_tokens, choice, st)
+    path = st.path_nodes.index_select(0, best)[0]  # root .. best, padded with best: [R]
     j = torch.arange(R, device=dev)
     target.copy_slots(st.L + path, st.L + j)  # accepted rows down to L .. L+acc (rows past acc are junk)
     path_tokens = st.node_tokens[path]
@@ -246,7 +254,7 @@ def eagle_verify(target: Transformer, tree: Tree, st: EagleState, s: Sampling) -
     return torch.cat([emitted, acc + 1])
 
 
-def eagle_round(head: EagleHead, target: Transformer, tree: Tree, st: EagleState, s: Sampling) -> Tensor:
+def eagle_round(head: EagleHead, target: Transformer, tree: Tree | DynamicTree, st: EagleState, s: Sampling) -> Tensor:
     eagle_draft(head, target, tree, st)
     return eagle_verify(target, tree, st, s)
 
@@ -255,16 +263,23 @@ class EagleGenerator(Generator):
     """EAGLE speculative decoding: per round, draft a tree (compiled), verify it with one target forward (compiled),
     keep the longest accepted path. Lossless: see tree.verify."""
 
-    def __init__(self, model: Transformer, head: EagleHead, tree: Tree, sampling: Sampling, need: int,
+    def __init__(self, model: Transformer, head: EagleHead, tree: Tree | DynamicTree, sampling: Sampling, need: int,
                  compile: bool = False, compile_prefill: bool = False, split_timing: bool = False):  # fmt: skip
         R, N = tree.D + 1, tree.N
         # A launched-ahead round may start up to R tokens past the budget and writes N slots from there.
         super().__init__(model, sampling, round_up(need + 2 * R + N, 64), compile, compile_prefill)
-        self.head, self.tree, self.tokens_per_launch = head, tree.to(self.device), R
-        for t in self.tree.static_tensors():  # constant inputs: CUDA graphs need not copy them in each round
-            torch._dynamo.mark_static_address(t)
-        head.setup_cache(self.max_seq_length, N - 1)
+        self.head, self.tokens_per_launch = head, R
         self.state = EagleState(R, N, model.args.dim, self.device, model.norm.weight.dtype)
+        if isinstance(tree, DynamicTree):
+            self.tree = tree
+            head.setup_cache(self.max_seq_length, (tree.D - 1) * tree.K)  # one scratch row per expanded node
+        else:
+            self.tree = tree.to(self.device)
+            for t in self.tree.static_tensors():  # constant inputs: CUDA graphs need not copy them in each round
+                torch._dynamo.mark_static_address(t)
+            for name in ("parent", "depth", "ancestors", "path_nodes"):  # the verification reads the state's copy
+                getattr(self.state, name).copy_(getattr(self.tree, name))
+            head.setup_cache(self.max_seq_length, N - 1)  # one scratch row per tree node
         self.draft = compile_step(eagle_draft, self.device) if compile else eagle_draft
         self.verify = compile_step(eagle_verify, self.device) if compile else eagle_verify
         # One CUDA graph per round (1.28x faster than two on SmolLM2, BENCHMARKS.md); split_timing runs the draft and
@@ -466,7 +481,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--tree",
         default="default",
-        help="EAGLE draft tree: 'default' (EAGLE-1, 26 tokens), 'chain:K', or a JSON file of paths",
+        help="EAGLE draft tree: 'default' (EAGLE-1, 26 tokens), 'chain:K', a JSON file of paths, or the dynamic "
+        "EAGLE-2 tree 'eagle2[:K=10,D=6,N=60]' (K children per expanded node, depth D, N tokens)",
     )
     return p.parse_args(argv)  # fmt: skip
 
@@ -578,7 +594,7 @@ def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
     if a.eagle is None:
         return Generator(model, sampling, round_up(need, 64), use_compile, a.compile_prefill)
     try:
-        tree = build_tree(parse_tree_spec(a.tree))
+        tree = parse_dynamic_spec(a.tree) or build_tree(parse_tree_spec(a.tree))
     except TreeError as e:
         raise UserError(str(e)) from None
     head_dir = find_head(folder) if a.eagle == "auto" else Path(a.eagle)

@@ -159,3 +159,59 @@ def verify(node_tokens: Tensor, target_choice: Tensor, tree: Tree) -> tuple[Tens
     score = torch.where(accepted, tree.depth, -1)
     best = score.argmax(-1, keepdim=True)  # [..., 1]
     return best, tree.depth[best]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EAGLE-2 dynamic trees with constant shapes: the draft ranks candidates by cumulative log-probability each round.
+
+
+@dataclass
+class DynamicTree:
+    """EAGLE-2: the draft expands its K best frontier nodes by K children each, D levels deep, and keeps the N-1 best
+    candidates (plus the root). K, D, N fix every shape: C = K + (D-1)*K*K candidates, N nodes, depth <= D."""
+
+    K: int = 10
+    D: int = 6
+    N: int = 60
+
+
+def parse_dynamic_spec(spec: str) -> DynamicTree | None:
+    """'eagle2' or 'eagle2:K=10,D=6,N=60' -> DynamicTree; any other spec -> None."""
+    if spec != "eagle2" and not spec.startswith("eagle2:"):
+        return None
+    t = DynamicTree()
+    for item in filter(None, spec.partition(":")[2].split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("K", "D", "N") or not value.isdigit():
+            raise TreeError(f"bad tree spec {spec!r}: expected eagle2:K=..,D=..,N=.. with integer values")
+        setattr(t, key, int(value))
+    if t.K < 1 or t.D < 1 or t.N < 2 or t.N - 1 > t.K + (t.D - 1) * t.K * t.K:
+        raise TreeError(f"bad tree spec {spec!r}: need K, D >= 1 and 2 <= N <= 1 + K + (D-1)*K*K")
+    return t
+
+
+@traced
+def tree_from_candidates(scores: Tensor, parents: Tensor, N: int, D: int) -> tuple[Tensor, ...]:
+    """Keep the N-1 best candidates and build the tree buffers, all with fixed shapes.
+
+    scores [C]: cumulative draft log-probability; parents [C]: the parent's candidate index (-1 = the root). A parent
+    comes before its children and scores no lower, and ties go to the lower index, so the kept set is closed under
+    ancestors. Returns (kept [N-1] candidate indices in order, parent [N], depth [N], ancestors [N, N],
+    path_nodes [N, D+1]), the same buffers a static Tree has.
+    """
+    C, dev = scores.size(0), scores.device
+    rank = scores.double() - torch.arange(C, device=dev, dtype=torch.float64) * 1e-9  # ties: lower index first
+    kept = torch.topk(rank, N - 1).indices.sort().values  # [N-1], parents before children
+    node_of = torch.zeros(C, dtype=torch.long, device=dev).scatter(0, kept, torch.arange(1, N, device=dev))
+    par = parents[kept]
+    parent = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.where(par < 0, 0, node_of[par.clamp(0)])])
+    nodes = torch.arange(N, device=dev)
+    ancestors = (nodes[:, None] == nodes[None, :]) | (nodes[None, :] == 0)
+    for _ in range(D):  # each pass adds one more generation of ancestors
+        ancestors = ancestors | ancestors[parent]
+    depth = ancestors.sum(1) - 1
+    cols = []
+    for j in range(D + 1):
+        at_j = (ancestors & (depth[None, :] == j)).to(torch.int32).argmax(1)
+        cols.append(torch.where(depth >= j, at_j, nodes))
+    return kept, parent, depth, ancestors, torch.stack(cols, dim=1)

@@ -227,7 +227,8 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
     head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
     for spec in tree_specs:
         split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
-        tree = T.build_tree(T.parse_tree_spec(spec.removesuffix("+split")))
+        name = spec.removesuffix("+split")
+        tree = T.parse_dynamic_spec(name) or T.build_tree(T.parse_tree_spec(name))
         gen = G.EagleGenerator(model, head, tree, G.Sampling(), T_, compile=True, split_timing=split)
         gen.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
         eruns = [gen.generate(p, max_new, tok.stop_ids) for p in prompts]

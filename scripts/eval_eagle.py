@@ -40,7 +40,7 @@ def main() -> None:
     try:
         model = M.load_model(a.checkpoint, device=a.device, dtype=G.DTYPES[a.dtype])
         head = load_head(a.eagle, model.args, a.device, G.DTYPES[a.dtype])
-        tree = T.build_tree(T.parse_tree_spec(a.tree))
+        tree = T.parse_dynamic_spec(a.tree) or T.build_tree(T.parse_tree_spec(a.tree))
     except (M.CheckpointError, T.TreeError) as e:
         sys.exit(f"error: {e}")
     tok = load_tokenizer(Path(a.checkpoint))

@@ -62,13 +62,15 @@ def plain_greedy(folder, prompt, max_new, stop_ids=frozenset(), ignore_eos=True)
 
 
 def eagle(folder, head, spec, prompt, max_new, stop_ids=frozenset(), ignore_eos=True, sampling=None):
-    tree = T.build_tree(T.parse_tree_spec(spec))
+    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
     gen = G.EagleGenerator(load(folder), head, tree, sampling or G.Sampling(), 200)
     return gen.generate(prompt, max_new, set(stop_ids), ignore_eos)
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("spec", ["default", "chain:1", "chain:4", "random"])
+@pytest.mark.parametrize(
+    "spec", ["default", "chain:1", "chain:4", "random", "eagle2:K=4,D=4,N=12", "eagle2:K=2,D=1,N=3"]
+)
 def test_eagle_greedy_equals_plain_greedy(tiny_ckpt, spec, tmp_path):
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
     if spec == "random":
@@ -163,26 +165,26 @@ def eagle_draws(model, head, tree, context: list[int], s, n_draws, wrong=False) 
     gen._start(torch.tensor([context[:-1]]))
     st = gen.state
     st.tokens[0] = context[-1]
-    G.eagle_draft(head, model, tree, st)
-    mask = T.target_tree_mask(tree.ancestors, st.L, model.max_seq_length)
-    logits = model(st.node_tokens[None], st.L + tree.depth, st.L + torch.arange(tree.N), mask)[0]  # [N, V]
+    G.eagle_draft(head, model, tree, st)  # the tree's tokens and (EAGLE-2) shape, in st
+    mask = T.target_tree_mask(st.ancestors, st.L, model.max_seq_length)
+    logits = model(st.node_tokens[None], st.L + st.depth, st.L + torch.arange(tree.N), mask)[0]  # [N, V]
     node_tokens = st.node_tokens
     if wrong:
         probs = G.logits_to_probs(logits, s)
-        return [wrong_round(node_tokens, probs, tree) for _ in range(n_draws)]
+        return [wrong_round(node_tokens, probs, st) for _ in range(n_draws)]
     choice = G.sample(logits.expand(n_draws, -1, -1), s)  # independent draws: [n_draws, N]
-    best, acc = T.verify(node_tokens, choice, tree)
+    best, acc = T.verify(node_tokens, choice, st)
     draws = []
     for i in range(n_draws):
-        path = tree.path_nodes[best[i, 0], 1 : acc[i, 0] + 1]
+        path = st.path_nodes[best[i, 0], 1 : acc[i, 0] + 1]
         draws.append(node_tokens[path].tolist() + [int(choice[i, best[i, 0]])])
     return draws
 
 
-def wrong_round(node_tokens, probs, tree) -> list[int]:
+def wrong_round(node_tokens, probs, st) -> list[int]:
     out, node = [], 0
     while True:
-        children = [c for c in range(tree.N) if tree.parent[c] == node and c != 0]
+        children = [c for c in range(1, st.parent.numel()) if st.parent[c] == node]
         for c in children:
             if random.random() < probs[node, node_tokens[c]]:
                 out.append(int(node_tokens[c]))
@@ -215,14 +217,15 @@ def sampled_joint(model, head, tree, prompt, s, n_tokens, n_draws, wrong=False) 
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("sampling", [G.Sampling(1.0), G.Sampling(0.8, top_k=4, top_p=0.9)])
-def test_eagle_sampling_keeps_target_distribution(tmp_path, sampling):
+@pytest.mark.parametrize(
+    "sampling, dynamic",
+    [(G.Sampling(1.0), False), (G.Sampling(0.8, top_k=4, top_p=0.9), False), (G.Sampling(1.0), True)],
+)
+def test_eagle_sampling_keeps_target_distribution(tmp_path, sampling, dynamic):
     args = make_checkpoint(tmp_path, seed=2, vocab_size=6)
     model = load(tmp_path)
-    # A head that agrees with the target often, so that multi-token acceptance is exercised: the oracle construction
-    # would be deterministic; instead train-free: reuse random weights but small vocab makes matches frequent.
-    head = random_head(args, 1)
-    tree = T.build_tree([[0], [1], [0, 0], [0, 1], [1, 0]])
+    head = random_head(args, 1)  # with 6 tokens a random head's drafts still match often: multi-token acceptance
+    tree = T.DynamicTree(K=2, D=3, N=5) if dynamic else T.build_tree([[0], [1], [0, 0], [0, 1], [1, 0]])
     prompt = [1, 2, 3]
     exact = exact_joint(model, prompt, sampling, 3)
     torch.manual_seed(0)
@@ -251,12 +254,14 @@ def test_head_save_load_roundtrip(tmp_path, tiny_ckpt):
 
 
 @torch.inference_mode()
-def test_eagle_compiles_without_recompiles(tiny_ckpt):
+@pytest.mark.parametrize("spec", ["default", "eagle2:K=3,D=3,N=10"])
+def test_eagle_compiles_without_recompiles(tiny_ckpt, spec):
     import torch._dynamo
 
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
     torch._dynamo.reset()
-    gen = G.EagleGenerator(load(tiny_ckpt), random_head(args), T.build_tree(T.EAGLE1_TREE), G.Sampling(), 100, True)
+    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    gen = G.EagleGenerator(load(tiny_ckpt), random_head(args), tree, G.Sampling(), 100, True)
     ref = plain_greedy(tiny_ckpt, PROMPT, 20)
     assert gen.generate(PROMPT, 20, set(), True).output_ids == ref
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -308,3 +313,32 @@ def test_eagle_sampling_runs_seeded(tiny_ckpt):
         outs.append(eagle(tiny_ckpt, random_head(args), "default", PROMPT, 25, sampling=s).output_ids)
     assert outs[0] == outs[1] and len(outs[0]) == 25
     assert all(0 <= t < args.vocab_size for t in outs[0])
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dynamic_tree_is_closed_under_ancestors(tiny_ckpt, seed):
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    spec = T.DynamicTree(K=3, D=4, N=16)
+    gen = G.EagleGenerator(load(tiny_ckpt), random_head(args, seed), spec, G.Sampling(), 100)
+    gen._start(torch.tensor([PROMPT]))
+    st = gen.state
+    G.eagle_draft(gen.head, gen.model, spec, st)
+    parent, depth, anc = st.parent, st.depth, st.ancestors
+    assert parent[0] == 0 and depth[0] == 0 and int(depth.max()) <= spec.D
+    for n in range(1, spec.N):
+        p = int(parent[n])
+        assert p < n and depth[n] == depth[p] + 1 and anc[n, p] and anc[n, n]
+        assert torch.equal(anc[n], anc[p] | (torch.arange(spec.N) == n))
+        siblings = [c for c in range(1, spec.N) if parent[c] == p]
+        assert len({int(st.node_tokens[c]) for c in siblings}) == len(siblings)  # distinct tokens among siblings
+        path = st.path_nodes[n, : int(depth[n]) + 1].tolist()
+        assert path[-1] == n and all(anc[n, m] for m in path)
+
+
+def test_bad_dynamic_spec(tiny_ckpt):
+    with pytest.raises(T.TreeError):
+        T.parse_dynamic_spec("eagle2:K=x")
+    with pytest.raises(T.TreeError):
+        T.parse_dynamic_spec("eagle2:K=2,D=2,N=50")  # more nodes than candidates
+    assert T.parse_dynamic_spec("default") is None
