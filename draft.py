@@ -65,7 +65,8 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
     n [1]: the pairs (f_{L-n+j}, t_{L-n+j+1}) for j < n. Rows j >= n are padding; they land in slots >= L, which the
     next round overwrites before anything attends to them.
     """
-    committed = torch.arange(head.rope.size(0), device=tokens.device) < L  # [slots]
+    committed = torch.arange(head.committed_slots, device=tokens.device) < L  # [committed slots]
+    # 1) Catch-up: the root's predicted feature, and its top-K children.
     prev_feats, root = catch_up(head, target, L, tokens, feats, n)
     prev_ids = torch.topk(target.output(prev_feats), tree.K, dim=-1).indices.flatten()  # [K]
 
@@ -83,7 +84,7 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
         x_tok = depth_tokens[fed - lo]  # [F]
         x_feat = prev_feats[tree.parent_row[fed]]  # [F, D]
         scratch = head.committed_slots + fed - 1  # [F]
-        mask = torch.cat([committed[None].expand(F_, -1)[:, : head.committed_slots], tree.ancestors[fed, 1:]], dim=1)
+        mask = torch.cat([committed[None].expand(F_, -1), tree.ancestors[fed, 1:]], dim=1)  # [F, slots]
         pos_d = (L + d - 1).expand(F_)
         y = head(target.tok_embeddings(x_tok)[None], x_feat[None], pos_d, scratch, mask[None, None])[0]  # [F, D]
         prev_feats = y
