@@ -664,7 +664,8 @@ def print_summary(records: list[dict], model: Transformer, device: torch.device)
         f"{tps:.1f} tok/s, {weight_bytes(model) * tps / 1e9:.1f} GB/s of weights")  # fmt: skip
     if any("accept_len_mean" in r for r in warm):
         rounds = sum(r["rounds"] for r in warm)
-        log(f"EAGLE: {toks / max(rounds, 1):.2f} tokens per target forward (tau) over {rounds} rounds")
+        drafted = toks - len(warm)  # each generation's first token comes from the prompt's forward, not a round
+        log(f"EAGLE: {drafted / max(rounds, 1):.2f} tokens per target forward (tau) over {rounds} rounds")
     if device.type == "cuda":
         log(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
 

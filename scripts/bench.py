@@ -242,7 +242,8 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         same = sum(r.output_ids == e.output_ids for r, e in zip(runs, eruns, strict=True))
         res[spec] = {
             "tokens_per_s": toks / sum(r.seconds for r in eruns), "tau": sum(taus) / len(taus),
-            "tau_tokens_per_round": toks / rounds, "tau_by_category": {k: sum(v) / len(v) for k, v in by_cat.items()},
+            "tau_tokens_per_round": (toks - len(prompts)) / rounds,
+            "tau_by_category": {k: sum(v) / len(v) for k, v in by_cat.items()},
             "speedup_vs_plain": toks / sum(r.seconds for r in eruns) / res["plain"]["tokens_per_s"],
             "identical_outputs_bf16": same,
             "round_s": sum(r.stats["round_seconds"] for r in eruns),

@@ -62,7 +62,8 @@ def main() -> None:
         print(json.dumps(line), flush=True)
         lines.append(line)
     summary = {"questions": len(questions), "identical": same, "tau": sum(x["tau"] for x in lines) / len(lines),
-               "tokens_per_round": toks / max(rounds, 1), "device": a.device, "dtype": a.dtype, "tree": a.tree,
+               "tokens_per_round": (toks - len(prompts)) / max(rounds, 1), "device": a.device, "dtype": a.dtype,
+               "tree": a.tree,
                "plain_tokens_per_s": toks / t_plain, "eagle_tokens_per_s": toks / t_eagle}  # fmt: skip
     print(json.dumps(summary), flush=True)
     if a.out:
