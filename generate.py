@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -481,8 +482,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--tree",
         default="default",
-        help="EAGLE draft tree: 'default' (EAGLE-1, 26 tokens), 'chain:K', a JSON file of paths, or the dynamic "
-        "EAGLE-2 tree 'eagle2[:K=10,D=6,N=60]' (K children per expanded node, depth D, N tokens)",
+        help="EAGLE draft tree: 'default' (EAGLE-1, 26 tokens), 'chain:K', a JSON file of paths, the dynamic "
+        "EAGLE-2 tree 'eagle2[:K=10,D=6,N=60]' (K children per expanded node, depth D, N tokens), or 'auto' "
+        "(EAGLE-2 with N chosen from the measured forward latency on this device, cached)",
     )
     return p.parse_args(argv)  # fmt: skip
 
@@ -594,13 +596,70 @@ def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
     if a.eagle is None:
         return Generator(model, sampling, round_up(need, 64), use_compile, a.compile_prefill)
     try:
-        tree = parse_dynamic_spec(a.tree) or build_tree(parse_tree_spec(a.tree))
+        tree = (
+            auto_tree(model) if a.tree == "auto" else parse_dynamic_spec(a.tree) or build_tree(parse_tree_spec(a.tree))
+        )
     except TreeError as e:
         raise UserError(str(e)) from None
     head_dir = find_head(folder) if a.eagle == "auto" else Path(a.eagle)
     head = load_head(head_dir, model.args, model.norm.weight.device, model.norm.weight.dtype)
     log(f"EAGLE head {head_dir}, tree of {tree.N} tokens, depth {tree.D}")
     return EagleGenerator(model, head, tree, sampling, need, use_compile, a.compile_prefill, a.eagle_timing)
+
+
+AUTO_SIZES = (40, 48, 50, 56, 60)  # EAGLE-2's total_token=-1: candidate tree sizes ...
+AUTO_PENALTY = (1.0, 1.05, 1.07, 1.10, 1.13)  # ... and the factor each must beat
+
+
+def auto_tree(model: Transformer, K: int = 10, D: int = 6) -> DynamicTree:
+    """`--tree auto`: an EAGLE-2 tree whose size N minimises (target forward latency at N tokens) / penalty(N), as
+    EAGLE-2 does. The choice is cached per device, model shape and dtype in ~/.cache/llm-gen/tree_auto.json
+    (LLM_GEN_CACHE overrides the folder)."""
+    device = model.norm.weight.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    key = f"{name}|{json.dumps(model.args.to_dict(), sort_keys=True)}|{model.norm.weight.dtype}"
+    cache = Path(os.environ.get("LLM_GEN_CACHE", Path.home() / ".cache" / "llm-gen")) / "tree_auto.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in known:
+        seconds = [forward_seconds(model, n) for n in AUTO_SIZES]
+        known[key] = AUTO_SIZES[min(range(len(AUTO_SIZES)), key=lambda i: seconds[i] / AUTO_PENALTY[i])]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known, indent=1) + "\n")
+        measured = ", ".join(f"{n}: {t * 1e3:.2f} ms" for n, t in zip(AUTO_SIZES, seconds, strict=True))
+        log(f"--tree auto: target forward {measured}")
+    log(f"--tree auto: N = {known[key]} (cached in {cache})")
+    return DynamicTree(K=K, D=D, N=known[key])
+
+
+@torch.inference_mode()
+def forward_seconds(model: Transformer, n: int, reps: int = 10) -> float:
+    """Median latency of one n-token target forward (tree-shaped mask); on CUDA replayed as a CUDA graph."""
+    device = model.norm.weight.device
+    model.setup_caches(1, 256)
+    L = torch.tensor([128], device=device)
+    tokens = torch.zeros(1, n, dtype=torch.long, device=device)
+    slots = L + torch.arange(n, device=device)
+    mask = target_tree_mask(torch.ones(n, n, dtype=torch.bool, device=device).tril(), L, model.max_seq_length)
+    run = lambda: model(tokens, slots, slots, mask)
+    if device.type == "cuda":  # decoding replays CUDA graphs, so time one (eager timing would be launch-bound)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graph capture requires
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            run = graph.replay
+        except RuntimeError as e:  # not expected; then eager timing is still a usable ranking
+            log(f"--tree auto: CUDA graph capture failed ({str(e).splitlines()[0]}); timing eager forwards")
+    times = []
+    for _ in range(reps):
+        t0 = timer(device)
+        run()
+        times.append(elapsed(t0, timer(device)))
+    return sorted(times)[reps // 2]
 
 
 def find_head(folder: Path) -> Path:

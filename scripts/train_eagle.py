@@ -469,7 +469,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per batch (16384)")
     p.add_argument("--max-len", type=int, default=2048, help="conversations are cut to this many tokens (2048)")
     p.add_argument("--noise", type=float, default=0.1, help="uniform noise half-width on input features (0.1)")
-    p.add_argument("--ttt-steps", type=int, default=0, help="extra unrolled steps trained (training-time test; 0)")
+    p.add_argument("--ttt-steps", type=int, default=2, help="extra unrolled steps trained (training-time test; 2)")
     p.add_argument("--eval-steps", type=int, default=5, help="chain length of the held-out tau estimate (5)")
     p.add_argument("--init", choices=["random", "last-layer"], default="random",
                    help="head layer: random (default), or a copy of the target's last layer (slower start: its\n"

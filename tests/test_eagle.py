@@ -342,3 +342,13 @@ def test_bad_dynamic_spec(tiny_ckpt):
     with pytest.raises(T.TreeError):
         T.parse_dynamic_spec("eagle2:K=2,D=2,N=50")  # more nodes than candidates
     assert T.parse_dynamic_spec("default") is None
+
+
+def test_tree_auto_picks_a_size_and_caches_it(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_GEN_CACHE", str(tmp_path))
+    model = load(tiny_ckpt)
+    tree = G.auto_tree(model)
+    assert isinstance(tree, T.DynamicTree) and tree.N in G.AUTO_SIZES
+    monkeypatch.setattr(G, "forward_seconds", lambda *a, **k: pytest.fail("should come from the cache"))
+    assert G.auto_tree(model).N == tree.N
+    assert (tmp_path / "tree_auto.json").is_file()
