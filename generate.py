@@ -91,28 +91,35 @@ def decode_step(model: Transformer, token: Tensor, pos: Tensor, s: Sampling) -> 
 class Pipe:
     """Reads small device tensors on the host one step late, so the GPU never waits for the host.
 
-    push(t) queues a copy into pinned memory and records an event; pop() waits for the oldest copy only.
+    push(t) queues a copy into pinned memory and records an event; pop() waits for the oldest copy only and returns
+    the host tensor, valid until the next push (its buffer and event are reused: no allocation per step).
     On the CPU it is a plain copy.
     """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.queue: list[tuple[Tensor, torch.cuda.Event | None]] = []
+        self.free: list[tuple[Tensor, torch.cuda.Event]] = []
 
     def push(self, t: Tensor) -> None:
         if not self.cuda:
             self.queue.append((t.clone(), None))
             return
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        slot = next((x for x in self.free if x[0].shape == t.shape and x[0].dtype == t.dtype), None)
+        if slot is None:
+            slot = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event())
+        else:
+            self.free.remove(slot)
+        host, ev = slot
         host.copy_(t, non_blocking=True)
-        ev = torch.cuda.Event()
         ev.record()
-        self.queue.append((host, ev))
+        self.queue.append(slot)
 
     def pop(self) -> Tensor:
         host, ev = self.queue.pop(0)
         if ev is not None:
             ev.synchronize()
+            self.free.append((host, ev))  # reused by a later push, after the caller has read it
         return host
 
     def __len__(self) -> int:
