@@ -26,20 +26,24 @@ On-disk format (device independent, no kernel-specific packing):
         then that grid's width (32), since requantizing onto a wider grid adds the two errors (SmolLM2-135M from
         Q4_1: +0.04 nats at g32, +0.38 at g64 on tests/data/heldout.txt).
 
-Run time (prepare_for_device):
-  int8  scales are cast to the activation dtype; forward = F.linear(x, weight.to(x.dtype)) * scales, the form that
-        Inductor fuses into one GEMV on GPU.
-  int4  CUDA: aten._convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles) and aten._weight_int4pack_mm, which
-        takes only bf16 activations and bf16 scales (x is cast to bf16 and back).
-        CPU: aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], inner_k_tiles) and _weight_int4pack_mm_for_cpu,
-        which takes float32, bfloat16 or float16 activations with scales of the same dtype (checked on torch 2.13);
-        its float32 path is 30-70x slower than bf16, so with float32 activations inputs of more than one token are
-        dequantized + dense matmul (CPU_FP32_DENSE_ABOVE) and single-token decode steps use the kernel.
-        Any other device (or kernel="dequant"): dequantize then F.linear (also the reference in the tests).
-  Options (RUNTIME below, or the same keys in the quant dict): int4_dense_above=M runs inputs of more than M tokens
-  as dequantize + dense matmul (EAGLE tree verification feeds 26-64 tokens, where tinygemm slows down; whether that
-  wins must be measured on the GPU, so the default is None = always the int4 kernel), int4_kernel="triton" uses the
-  experimental Triton kernel at the bottom of this file (never chosen automatically).
+Run time (prepare_for_device), CUDA with bf16/fp16 activations and triton installed (kernel "triton", the default
+there): inputs of up to kernels.MAX_M = 64 tokens (decode steps, EAGLE drafts and tree verification) go through the
+Triton kernels of kernels.py, which read the int8 weight, or the on-disk int4 layout with bf16 (scale, zero) pairs,
+directly; larger inputs (prefill) dequantize and run a dense matmul.
+Otherwise:
+  int8  (kernel "torch") scales are cast to the activation dtype; one token = multiply + sum (Inductor fuses it into
+        one reduction reading the int8 weight), more tokens = F.linear(x, weight.to(x.dtype)) * scales.
+  int4  CUDA ("tinygemm_cuda"): aten._convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles) and
+        aten._weight_int4pack_mm, which takes only bf16 activations and bf16 scales (x is cast to bf16 and back).
+        CPU ("tinygemm_cpu"): aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], inner_k_tiles) and
+        _weight_int4pack_mm_for_cpu, which takes float32, bfloat16 or float16 activations with scales of the same
+        dtype (checked on torch 2.13); its float32 path is 30-70x slower than bf16, so with float32 activations
+        inputs of more than one token are dequantized + dense matmul (CPU_FP32_DENSE_ABOVE) and single-token decode
+        steps use the kernel.
+        Any other device (or kernel "dequant"): dequantize then F.linear (also the reference in the tests).
+  Options (RUNTIME below, or the same keys in the quant dict): int8_kernel / int4_kernel pick the kernel ("auto",
+  "triton", "torch" / "tinygemm_cuda", "tinygemm_cpu", "dequant"); int4_dense_above=M sends inputs of more than M
+  tokens through dequantize + dense matmul with the tinygemm kernels.
 """
 
 from __future__ import annotations
@@ -55,13 +59,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
 from model import CheckpointError, ModelArgs, Transformer, read_checkpoint
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)  # what both tinygemm kernels (CUDA and CPU) accept
 DEFAULT_GROUPSIZE = 64  # divides the hidden sizes of the Llama / SmolLM2 / Qwen2 families: no padding needed
 INT4_N_MULTIPLE = 16  # out_features must be a multiple of this for the int4 kernels (CPU 16, CUDA 8)
-RUNTIME = {"int4_kernel": "auto", "int4_dense_above": None}  # defaults of the run-time options (see the docstring)
+RUNTIME = {"int8_kernel": "auto", "int4_kernel": "auto", "int4_dense_above": None}  # run-time options (docstring)
 # The CPU kernel's float32 path is 30-70x slower than its bf16 path (measured on an AVX2 Xeon, torch 2.13): with
 # float32 activations, "auto" on CPU sends inputs of more than this many tokens through dequantize + dense matmul.
 CPU_FP32_DENSE_ABOVE = 1
@@ -180,7 +185,8 @@ def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 class WeightOnlyInt8Linear(nn.Module):
     """y = (x @ weight.T) * scales (+ bias). Buffers: weight int8 [out, in], scales [out] (activation dtype after
-    prepare_for_device), bias [out] or None."""
+    prepare_for_device), bias [out] or None. kernel: "triton" (kernels.wmm for up to kernels.MAX_M tokens, CUDA with
+    16-bit activations) or "torch"."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
@@ -188,12 +194,22 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+        self.kernel = "torch"
 
-    def prepare(self, dtype: torch.dtype) -> None:
+    def prepare(self, dtype: torch.dtype, kernel: str = "auto") -> None:
         self.scales = self.scales.to(dtype)
+        if kernel == "auto":
+            kernel = "triton" if kernels.available(torch.empty(0, dtype=dtype, device=self.weight.device)) else "torch"
+        if kernel not in ("triton", "torch"):
+            raise ValueError(f"unknown int8 kernel {kernel!r}")
+        self.kernel = kernel
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 3 and x.size(0) * x.size(1) == 1:
+        lead, k = x.shape[:-1], x.shape[-1]
+        if self.kernel == "triton" and x.numel() // k <= kernels.MAX_M:
+            y = kernels.wmm(x.reshape(-1, k).contiguous(), self.weight, self.scales, kernels.INT8, 0)
+            y = y.reshape(*lead, self.out_features)
+        elif x.dim() == 3 and x.size(0) * x.size(1) == 1:
             # One token: written as multiply + sum so that torch.compile makes one reduction kernel that reads the
             # int8 weight directly (F.linear would first write a converted copy of the whole weight).
             y = (x[..., None, :] * self.weight.to(x.dtype)).sum(-1) * self.scales  # [1, 1, N]
@@ -202,7 +218,10 @@ class WeightOnlyInt8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"kernel={self.kernel}"
+        )
 
 
 def pick_inner_k_tiles(k: int) -> int:
@@ -248,7 +267,9 @@ class WeightOnlyInt4Linear(nn.Module):
             raise RuntimeError("WeightOnlyInt4Linear.prepare() called twice")
         dev, n, kp = self.weight.device, self.out_features, self.padded_in_features
         if kernel == "auto":
-            if dev.type == "cuda" and n % 8 == 0:
+            if kernels.available(torch.empty(0, dtype=dtype, device=dev)):
+                kernel = "triton"
+            elif dev.type == "cuda" and n % 8 == 0:
                 kernel = "tinygemm_cuda"
             elif dev.type == "cpu" and n % 16 == 0:
                 kernel = "tinygemm_cpu"
@@ -268,9 +289,9 @@ class WeightOnlyInt4Linear(nn.Module):
             # the CPU kernel wants scales in the activation dtype: float32, bfloat16 or float16
             sz = sz.to(dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
         elif kernel == "triton":
-            if triton is None:
+            if kernels.triton is None:
                 raise RuntimeError("int4_kernel='triton' needs the triton package")
-            sz = sz.float()
+            sz = kernels.int4_layout(sz, dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32)
         elif kernel == "dequant":
             sz = sz.to(dtype)
         else:
@@ -283,13 +304,17 @@ class WeightOnlyInt4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> Tensor:
         """The weight as a dense [out, in] tensor."""
         w8 = self.weight_uint8 if self.kernel.startswith("tinygemm") else self.weight
-        w = dequantize_int4(w8, self.scales_and_zeros, self.groupsize, dtype)
+        sz = self.scales_and_zeros
+        if self.kernel == "triton":  # [N, K/G, 2] instead of [K/G, N, 2]
+            sz = sz.transpose(0, 1)
+        w = dequantize_int4(w8, sz, self.groupsize, dtype)
         return w[:, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if self.kernel == "dequant" or (self.dense_above is not None and x2.shape[0] > self.dense_above):
+        dense_above = kernels.MAX_M if self.kernel == "triton" else self.dense_above
+        if self.kernel == "dequant" or (dense_above is not None and x2.shape[0] > dense_above):
             y = F.linear(x2, self.dequantize(x.dtype))
         else:
             if self.padded_in_features != k:
@@ -301,7 +326,7 @@ class WeightOnlyInt4Linear(nn.Module):
                 xc = x2.to(self.scales_and_zeros.dtype).contiguous()
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.weight, self.groupsize, self.scales_and_zeros)
             else:
-                y = triton_int4_mm(x2, self.weight, self.scales_and_zeros, self.groupsize)
+                y = kernels.wmm(x2.contiguous(), self.weight, self.scales_and_zeros, kernels.INT4, self.groupsize)
             y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -344,7 +369,7 @@ def prepare_for_device(model: nn.Module, quant: dict, dtype: torch.dtype | None 
     dense_above = quant.get("int4_dense_above", RUNTIME["int4_dense_above"])
     for m in model.modules():
         if isinstance(m, WeightOnlyInt8Linear):
-            m.prepare(dtype)
+            m.prepare(dtype, quant.get("int8_kernel", RUNTIME["int8_kernel"]))
         elif isinstance(m, WeightOnlyInt4Linear):
             if dense_above is not None:
                 m.dense_above = dense_above
@@ -545,115 +570,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(summary)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# EXPERIMENTAL: a Triton int4 dequant-GEMM for small token counts (M = 1..64), reading the on-disk layout directly
-# (uint8 [N, K/2] nibble pairs + [K/G, N, 2] scales/zeros). Not used unless int4_kernel="triton". Split-K with
-# float32 atomics keeps all SMs busy for small N. Runs under TRITON_INTERPRET=1 on CPU tensors (the tests do so
-# when triton is installed).
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def _int4_mm_kernel(
-        x_ptr,  # [M, K] row-major, bf16/fp16/fp32
-        w_ptr,  # [N, K/2] uint8: byte j of a row = q[2j] << 4 | q[2j+1]
-        sz_ptr,  # [K/G, N, 2] (scale, zero)
-        y_ptr,  # [M, N] float32, zero-initialized (atomic accumulation over the K splits)
-        M,
-        N,
-        K,
-        CHUNKS_PER_SPLIT,  # BLOCK_K chunks each program along the split-K axis handles
-        GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,  # divides GROUP, so one chunk lies in one quantization group
-    ):
-        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rb = tl.arange(0, BLOCK_K // 2)  # byte offsets in a chunk: k = 2*rb (high nibble), 2*rb + 1 (low)
-        m_ok, n_ok = rm < M, rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in range(CHUNKS_PER_SPLIT):
-            k0 = (pid_k * CHUNKS_PER_SPLIT + i) * BLOCK_K
-            b = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rb)[None, :], mask=n_ok[:, None], other=0)
-            sz = sz_ptr + ((k0 // GROUP) * N + rn) * 2
-            s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            w_even = ((b >> 4).to(tl.float32) - 8.0) * s + z  # [BLOCK_N, BLOCK_K/2]
-            w_odd = ((b & 15).to(tl.float32) - 8.0) * s + z
-            xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]
-            x_even = tl.load(xp, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K/2]
-            x_odd = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
-            acc += tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)))
-            acc += tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)))
-        tl.atomic_add(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
-
-
-def triton_int4_mm(x: Tensor, weight: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor:
-    """x [M, K] @ dequant(weight)[N, K].T -> [M, N] float32, with the Triton kernel above."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    m, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] * 2 != k or k % groupsize:
-        raise ValueError(f"shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, groupsize {groupsize}")
-    x = x.contiguous()
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n, block_k = 64, min(groupsize, 64)
-    chunks = k // block_k
-    grid_mn = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split = 1
-    while split * 2 <= chunks and chunks % (split * 2) == 0 and grid_mn * split < 256:  # aim for ~2 waves on H100
-        split *= 2
-    y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    _int4_mm_kernel[grid](
-        x, weight, scales_and_zeros.contiguous(), y, m, n, k, chunks // split,
-        GROUP=groupsize, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
-    return y
-
-
-def bench_int4(n=4096, k=4096, groupsize=64, ms=(1, 2, 4, 8, 16, 26, 32, 48, 64), iters=100, compile=False):
-    """GPU micro-benchmark to choose int4_dense_above: microseconds per call of tinygemm, dequant + dense, bf16 dense
-    and (if installed) Triton, for each token count M. `python -c "import quantize; quantize.bench_int4()"`;
-    compile=True wraps each in torch.compile (Inductor fuses the dequantization, as in the compiled decode loop)."""
-    dev = torch.device("cuda")
-    w = torch.randn(n, k, device=dev) * 0.02
-    q, sz = quantize_int4(w, groupsize)
-    layers = {}
-    for kernel in ("tinygemm_cuda", "dequant") + (("triton",) if triton is not None else ()):
-        mod = WeightOnlyInt4Linear(k, n, groupsize, device=dev)
-        mod.weight, mod.scales_and_zeros = pack_int4(q), sz.clone()
-        mod.prepare(torch.bfloat16, kernel)
-        layers[kernel] = torch.compile(mod) if compile else mod
-    dense = w.to(torch.bfloat16)
-    print(f"N={n} K={k} G={groupsize}: microseconds per call")
-    print(f"{'M':>4} " + " ".join(f"{name:>14}" for name in [*layers, "bf16_dense"]))
-    for m in ms:
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        fns = [lambda mod=mod, x=x: mod(x) for mod in layers.values()] + [lambda x=x: F.linear(x, dense)]
-        row = []
-        for fn in fns:
-            for _ in range(5):
-                fn()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            row.append(start.elapsed_time(end) * 1000 / iters)
-        print(f"{m:>4} " + " ".join(f"{t:>14.1f}" for t in row))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,16 @@ def copy_bandwidth(gib: float = 2.0) -> float:
 
 
 QUANT: dict | None = None  # --quant: {"mode": "int8"} or {"mode": "int4", "groupsize": 64}
+KERNEL = "auto"  # --kernel: "triton" also sends bf16 linears through kernels.py; "torch" = cuBLAS / tinygemm / Inductor
+
+
+def apply_kernel_choice(model: M.Transformer) -> M.Transformer:
+    """--kernel triton: bf16 linears through kernels.FewTokenLinear (quantized ones follow quantize.RUNTIME)."""
+    if KERNEL == "triton" and not QUANT:
+        import kernels  # noqa: PLC0415
+
+        print(f"kernels.use_triton_linears: {kernels.use_triton_linears(model)} linears", flush=True)
+    return model
 
 
 def random_model(name: str, dtype=torch.bfloat16) -> M.Transformer:
@@ -76,13 +86,13 @@ def random_model(name: str, dtype=torch.bfloat16) -> M.Transformer:
             if t.is_floating_point() and "scales" not in n and "zeros" not in n:
                 t.data = t.data.to(dtype)  # as load_model does
         quantize.prepare_for_device(model, QUANT, dtype)
-    return model.eval().requires_grad_(False)
+    return apply_kernel_choice(model.eval().requires_grad_(False))
 
 
 def load(name: str) -> tuple[M.Transformer, object]:
     if name == "7b":
         return random_model("llama-2-7b"), None
-    return M.load_model(SMOLLM2, device="cuda", dtype=torch.bfloat16), load_tokenizer(SMOLLM2)
+    return apply_kernel_choice(M.load_model(SMOLLM2, device="cuda", dtype=torch.bfloat16)), load_tokenizer(SMOLLM2)
 
 
 def mt_bench_prompts(tok, n: int) -> list[list[int]]:
@@ -156,6 +166,80 @@ def cuda_time(fn, iters: int = 50) -> float:
         e1.synchronize()
         times.append(e0.elapsed_time(e1) / 1000)
     return statistics.median(times)
+
+
+def graph_time(fn, calls: int = 20, replays: int = 10) -> float:
+    """Median seconds per call of fn, from CUDA-graph replays of `calls` back-to-back calls (no launch gaps)."""
+    fn()  # autotuning and compilation happen here, outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return cuda_time(g.replay, replays) / calls
+
+
+LINEAR_SHAPES = {  # (out N, in K) of wqkv, wo, w13, w2, LM head
+    "7b": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)],
+    "smollm2": [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)],
+}
+
+
+def linear_variants(n: int, k: int) -> dict:
+    """name -> (fn(x) -> y, weight bytes read) for one random [n, k] weight in every format and kernel."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    import kernels  # noqa: PLC0415
+    import quantize  # noqa: PLC0415
+
+    w = torch.randn(n, k, device="cuda") * 0.02
+    wb = w.to(torch.bfloat16)
+    q8, s8 = quantize.quantize_int8(w)
+    s8 = s8.to(torch.bfloat16)
+    q4, sz = quantize.quantize_int4(w, 64)
+    p4 = quantize.pack_int4(q4)
+    sz4 = kernels.int4_layout(sz)
+    tg = torch.ops.aten._convert_weight_to_int4pack(p4, quantize.pick_inner_k_tiles(k))
+    tsz = sz.to(torch.bfloat16).contiguous()
+    b16, b8, b4 = 2 * n * k, n * k + 2 * n, n * k // 2 + n * k // 16
+    return {
+        "bf16_cublas": (lambda x: F.linear(x, wb), b16),
+        "bf16_triton": (lambda x: kernels.wmm(x, wb, None, kernels.NONE, 0), b16),
+        "int8_triton": (lambda x: kernels.wmm(x, q8, s8, kernels.INT8, 0), b8),
+        "int4_tinygemm": (lambda x: torch.ops.aten._weight_int4pack_mm(x, tg, 64, tsz), b4),
+        "int4_triton": (lambda x: kernels.wmm(x, p4, sz4, kernels.INT4, 64), b4),
+        "int8_ref": (lambda x: F.linear(x.float(), q8.float() * s8.float()[:, None]), 0),
+        "int4_ref": (lambda x: F.linear(x.float(), quantize.dequantize_int4(p4, sz, 64)), 0),
+    }
+
+
+def bench_linears(models: list[str], tokens=(1, 8, 26, 64)) -> dict:
+    """Each linear shape of the model, per kernel and token count: microseconds per call and weight GB/s."""
+    import kernels  # noqa: PLC0415
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    out: dict = {}
+    for name in models:
+        for n, k in LINEAR_SHAPES[name]:
+            variants = linear_variants(n, k)
+            for m in tokens:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row = {}
+                for v, (fn, nbytes) in variants.items():
+                    if nbytes:
+                        t = graph_time(lambda fn=fn, x=x: fn(x))
+                        row[v] = {"us": t * 1e6, "gb_per_s": nbytes / t / 1e9}
+                row["int8_rel_err"] = rel(variants["int8_triton"][0](x), variants["int8_ref"][0](x))
+                row["int4_rel_err"] = rel(variants["int4_triton"][0](x), variants["int4_ref"][0](x))
+                key = f"{name} N={n} K={k} M={m}"
+                out[key] = row
+                times = " ".join(f"{v}={r['us']:.1f}us/{r['gb_per_s']:.0f}" for v, r in row.items() if "err" not in v)
+                print(key, times, f"err8={row['int8_rel_err']:.1e} err4={row['int4_rel_err']:.1e}", flush=True)
+    for kern in (kernels._gemv_kernel, kernels._gemm_kernel):
+        out[f"best_configs_{kern.fn.__name__}"] = {str(k): str(c) for k, c in kern.cache.items()}
+    return out
 
 
 def bench_rounds(name: str, tree_spec: str) -> dict:
@@ -270,9 +354,22 @@ def main() -> None:
     p.add_argument("--profile", default=None, metavar="DIR", help="write kernel tables of warm runs here")
     p.add_argument("--tuned", action="store_true", help="coordinate-descent tuning of Inductor kernels")
     p.add_argument("--quant", default=None, help="7b only: int8 or int4[:G] weight-only quantization in memory")
+    p.add_argument(
+        "--kernel",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="linear kernels: triton = kernels.py for bf16 and quantized linears; torch = cuBLAS for bf16, "
+        "Inductor (int8) and tinygemm (int4); auto = triton for quantized, cuBLAS for bf16",
+    )
+    p.add_argument("--linears", action="store_true", help="micro-benchmark every linear shape per kernel")
     a = p.parse_args()
-    global PROFILE_DIR, QUANT
+    global PROFILE_DIR, QUANT, KERNEL
     PROFILE_DIR = Path(a.profile) if a.profile else None
+    KERNEL = a.kernel
+    if a.kernel == "torch":
+        import quantize  # noqa: PLC0415
+
+        quantize.RUNTIME.update(int8_kernel="torch", int4_kernel="tinygemm_cuda")
     if a.quant:
         mode, _, g = a.quant.partition(":")
         QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
@@ -286,12 +383,14 @@ def main() -> None:
         "copy_gb_per_s": copy_bandwidth() / 1e9,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
+    if a.linears:
+        res["linears"] = bench_linears(models)
     for name in models:
         max_new = a.max_new_tokens or (256 if name == "smollm2" else 200)
         if a.plain:
             r = bench_plain(name, a.prompts if name == "smollm2" else 5, max_new)
             r["fraction_of_copy_bw"] = r["weight_gb_per_s"] / res["copy_gb_per_s"]
-            res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}"] = r
+            res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}_{a.kernel}"] = r
             print(json.dumps(r), flush=True)
         if a.rounds:
             for spec in a.tree or ["default"]:

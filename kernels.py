@@ -1,0 +1,251 @@
+"""Triton matmuls for few tokens: y[M, N] = x[M, K] @ W[N, K].T for M <= MAX_M, with W stored as
+
+    quant 0  bf16 / fp16 (same dtype as x)            W = w
+    quant 1  int8 [N, K], scales [N]                   W = w * scales[:, None]          (symmetric, per channel)
+    quant 2  uint8 [N, K/2] nibble pairs,              W[n, k] = (q[n, k] - 8) * sz[n, k // G, 0] + sz[n, k // G, 1]
+             sz [N, K/G, 2] (scale, zero)              (byte j of a row = q[2j] << 4 | q[2j + 1], q in 0..15)
+
+Batch-1 decoding (M = 1) and EAGLE tree verification (M = 8..64) read every weight once per forward, so both are
+bound by memory bandwidth, and what matters is reading the weight at full speed and converting it cheaply:
+
+- M = 1 (`_gemv_kernel`): each program owns BLOCK_N output rows and walks K in BLOCK_K chunks, accumulating
+  w * x elementwise in float32 registers and reducing once at the end (no tensor cores: nothing to multiply).
+- M > 1 (`_gemm_kernel`): the same walk, but the converted chunk goes through tl.dot against a BLOCK_M-row tile of x
+  (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs.
+- Integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for 0 <= i < 2^23, so
+  one integer add and one float subtract replace a conversion instruction (which runs at 1/8 rate on Hopper).
+
+Both kernels are autotuned per (N, K, quant[, BLOCK_M]) over a few block shapes on first use, and wrapped as the
+custom op `llmgen::wmm`, so torch.compile treats a call as one opaque kernel and CUDA graphs capture it.
+The tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: nothing here is used
+    triton = None
+
+MAX_M = 64  # larger inputs (prefill) go to the dense path of the caller
+NONE, INT8, INT4 = 0, 1, 2
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(x: Tensor) -> bool:
+    """Whether the Triton path can run for activations like x (CUDA, 16-bit floats, triton installed)."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+
+    def _fast_bench(kernel_call, quantiles):  # autotuning: short runs, these kernels take microseconds
+        if INTERPRET:  # Triton's CPU interpreter cannot time anything: take the first config that fits
+            return [1.0] * len(quantiles)
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+    def _prune(configs, named_args, **kwargs):
+        """Fit the block shapes to the matrix: BLOCK_K is cut to the largest power of two dividing K (so K needs no
+        masks; K is a multiple of 16, and of the group size >= 32 for int4), BLOCK_N to at most N rounded up to 16."""
+        k, n = named_args["K"], named_args["N"]
+        kmax = k & -k
+        fitted = {}
+        for c in configs:
+            bn, bk = c.kwargs["BLOCK_N"], min(c.kwargs["BLOCK_K"], kmax)
+            if bn <= max(16, triton.next_power_of_2(n)):
+                cfg = triton.Config({**c.kwargs, "BLOCK_K": bk}, num_warps=c.num_warps, num_stages=c.num_stages)
+                fitted.setdefault((bn, bk, c.num_warps, c.num_stages), cfg)
+        return list(fitted.values())
+
+    _GEMV_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [
+            (4, 512, 4, 2), (8, 256, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2), (16, 512, 8, 2),
+            (32, 128, 4, 2), (8, 1024, 8, 2), (16, 128, 4, 3),
+        ]
+    ]  # fmt: skip
+    _GEMM_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [
+            (16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 8, 2),
+        ]
+    ]  # fmt: skip
+
+    @triton.jit
+    def _as_float(i, OFFSET: tl.constexpr, SUB: tl.constexpr):
+        """int32 i (with i + OFFSET in 0..2^23) -> float32 i - SUB, by the exponent trick."""
+        return (i + (0x4B000000 + OFFSET)).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET + SUB)
+
+    _TUNE = {"prune_configs_by": {"early_config_prune": _prune}, "do_bench": _fast_bench}
+
+    @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP"], **_TUNE)
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,  # [K]
+        w_ptr,  # [N, K] (quant 0, 1) or [N, K/2] uint8 (quant 2)
+        s_ptr,  # [N] int8 scales, or [N, K/G, 2] int4 (scale, zero); unused for quant 0
+        y_ptr,  # [N]
+        N,
+        K,
+        QUANT: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        if QUANT == 2:  # work on byte pairs: even elements in the high nibble, odd in the low one
+            rb = tl.arange(0, BLOCK_K // 2)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                b = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rb)[None, :], mask=n_ok[:, None], other=0)
+                b = b.to(tl.int32)
+                g = 2 * (rn[:, None] * (K // GROUP) + ((k0 + 2 * rb) // GROUP)[None, :])
+                s = tl.load(s_ptr + g, mask=n_ok[:, None], other=0.0).to(tl.float32)
+                z = tl.load(s_ptr + g + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)
+                xe = tl.load(x_ptr + k0 + 2 * rb).to(tl.float32)
+                xo = tl.load(x_ptr + k0 + 2 * rb + 1).to(tl.float32)
+                we = _as_float(b >> 4, 0, 8) * s + z
+                wo = _as_float(b & 15, 0, 8) * s + z
+                acc += we * xe[None, :] + wo * xo[None, :]
+        else:
+            rk = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=n_ok[:, None], other=0)
+                if QUANT == 1:
+                    w = _as_float(w.to(tl.int32), 128, 0)
+                else:
+                    w = w.to(tl.float32)
+                acc += w * tl.load(x_ptr + k0 + rk).to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if QUANT == 1:
+            y = y * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M"], **_TUNE)
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr,  # [M, K] row-major
+        w_ptr,
+        s_ptr,
+        y_ptr,  # [M, N]
+        M,
+        N,
+        K,
+        QUANT: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        n_ok, m_ok = rn < N, rm < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        dt = x_ptr.dtype.element_ty
+        if QUANT == 2:
+            rb = tl.arange(0, BLOCK_K // 2)
+            for k0 in range(0, K, BLOCK_K):
+                b = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rb)[None, :], mask=n_ok[:, None], other=0)
+                b = b.to(tl.int32)
+                g = 2 * (rn[:, None] * (K // GROUP) + ((k0 + 2 * rb) // GROUP)[None, :])
+                s = tl.load(s_ptr + g, mask=n_ok[:, None], other=0.0).to(tl.float32)
+                z = tl.load(s_ptr + g + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)
+                xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]
+                xe = tl.load(xp, mask=m_ok[:, None], other=0.0)
+                xo = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
+                we = (_as_float(b >> 4, 0, 8) * s + z).to(dt)
+                wo = (_as_float(b & 15, 0, 8) * s + z).to(dt)
+                acc += tl.dot(xe, tl.trans(we))
+                acc += tl.dot(xo, tl.trans(wo))
+        else:
+            rk = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=n_ok[:, None], other=0)
+                if QUANT == 1:
+                    w = _as_float(w.to(tl.int32), 128, 0).to(dt)
+                x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
+                acc += tl.dot(x, tl.trans(w.to(dt)))
+        if QUANT == 1:
+            acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = y_ptr + rm[:, None] * N + rn[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int) -> tuple[int, int, int]:
+    if x.dim() != 2 or not x.is_contiguous() or x.shape[0] > MAX_M:
+        raise ValueError(f"x must be a contiguous [M <= {MAX_M}, K] matrix, got {tuple(x.shape)}")
+    m, k = x.shape
+    n = w.shape[0]
+    if quant == INT4:
+        if w.dtype != torch.uint8 or w.shape != (n, k // 2) or k % group or s.shape != (n, k // group, 2):
+            raise ValueError(f"int4: x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype}, group {group}")
+    elif quant == INT8:
+        if w.dtype != torch.int8 or w.shape != (n, k) or s.shape != (n,):
+            raise ValueError(f"int8: x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype}")
+    elif w.shape != (n, k) or w.dtype != x.dtype:
+        raise ValueError(f"dense: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
+    if k % 16:
+        raise ValueError(f"K = {k} must be a multiple of 16")
+    return m, n, k
+
+
+@torch.library.custom_op("llmgen::wmm", mutates_args=())
+def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int) -> Tensor:
+    """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring."""
+    m, n, k = _check(x, w, s, quant, group)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    s = s if s is not None else w  # a placeholder pointer the kernel never reads
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    if m == 1:
+        _gemv_kernel[grid](x, w, s, y, n, k, QUANT=quant, GROUP=group)
+    else:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        _gemm_kernel[grid](x, w, s, y, m, n, k, QUANT=quant, GROUP=group, BLOCK_M=block_m)
+    return y
+
+
+@wmm.register_fake
+def _(x, w, s, quant, group):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def int4_layout(scales_and_zeros: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The on-disk int4 scales and zeros [K/G, N, 2] as the kernel reads them: [N, K/G, 2] in dtype (bf16, as
+    tinygemm keeps them: 4 bytes per group of G weights)."""
+    return scales_and_zeros.transpose(0, 1).to(dtype).contiguous()
+
+
+class FewTokenLinear(torch.nn.Module):
+    """A bias-free dense nn.Linear whose forward uses the Triton kernel for up to MAX_M tokens (bf16/fp16 on CUDA)
+    and F.linear otherwise. Shares the original weight Parameter (tied embeddings stay tied)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= MAX_M and available(x2) and x2.dtype == self.weight.dtype:
+            return wmm(x2.contiguous(), self.weight, None, NONE, 0).reshape(*lead, self.out_features)
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def use_triton_linears(model: torch.nn.Module) -> int:
+    """Swap every bias-free nn.Linear of the model for FewTokenLinear; returns how many were swapped."""
+    swapped = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is torch.nn.Linear and mod.bias is None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, FewTokenLinear(mod))
+            swapped += 1
+    return swapped

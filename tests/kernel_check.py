@@ -1,0 +1,130 @@
+"""Checks of kernels.py, run by tests/test_kernels.py in a subprocess with TRITON_INTERPRET=1 (Triton's CPU
+interpreter must be chosen before triton is imported). Every block-shape config of both kernels, every weight
+format, token counts 1..64, and the quantized modules' "triton" path against their dequantized reference."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kernels as K  # noqa: E402
+import quantize as Q  # noqa: E402
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def weights(quant, n, k, g):
+    """(w, s) in the kernel's format and the dense float32 reference W."""
+    w = torch.randn(n, k) * 0.05
+    if quant == K.NONE:
+        return w, None, w
+    if quant == K.INT8:
+        q, s = Q.quantize_int8(w)
+        q[0, :7], q[-1, :7] = -128, 127  # the ends of the int8 range go through the exponent trick too
+        return q, s, Q.dequantize_int8(q, s)
+    q, sz = Q.quantize_int4(w, g)
+    packed = Q.pack_int4(q)
+    return packed, K.int4_layout(sz, torch.float32), Q.dequantize_int4(packed, sz, g)
+
+
+def check_all_configs():
+    torch.manual_seed(0)
+    for kern, ms in ((K._gemv_kernel, [1]), (K._gemm_kernel, [2, 17, 26, 64])):
+        configs = kern.configs
+        try:
+            for cfg in configs:
+                kern.configs, kern.cache = [cfg], {}
+                bk = cfg.kwargs["BLOCK_K"]
+                for quant in (K.NONE, K.INT8, K.INT4):
+                    n, k, g = 40, 2 * bk, 64 if bk >= 64 else 32  # 40: not a multiple of BLOCK_N
+                    w, s, ref_w = weights(quant, n, k, g)
+                    for m in ms:
+                        x = torch.randn(m, k)
+                        y = K.wmm(x, w, s, quant, g)
+                        err = rel_err(y, x @ ref_w.T)
+                        assert y.shape == (m, n) and err < 1e-5, (cfg, quant, m, err)
+        finally:
+            kern.configs, kern.cache = configs, {}
+    print("configs ok")
+
+
+def check_fp16():
+    torch.manual_seed(1)
+    for quant in (K.NONE, K.INT8, K.INT4):
+        w, s, ref_w = weights(quant, 48, 256, 64)
+        if quant == K.NONE:
+            w = w.half()
+        for m in (1, 5, 26):
+            x = torch.randn(m, 256).half()
+            y = K.wmm(x, w, s.half() if quant == K.INT8 else s, quant, 64)
+            assert y.dtype == torch.float16 and rel_err(y, x.float() @ ref_w.T) < 2e-3, (quant, m)
+    print("fp16 ok")
+
+
+def check_errors():
+    x = torch.randn(65, 64)
+    for bad in (
+        lambda: K.wmm(x, torch.randn(8, 64), None, K.NONE, 0),  # too many tokens
+        lambda: K.wmm(x[:2], torch.randn(8, 32), None, K.NONE, 0),  # K mismatch
+        lambda: K.wmm(x[:2], torch.zeros(8, 64, dtype=torch.int8), torch.ones(7), K.INT8, 0),
+        lambda: K.wmm(x[:2], torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2, 2), K.INT4, 64),
+    ):
+        try:
+            bad()
+        except ValueError:
+            continue
+        raise AssertionError("bad shapes accepted")
+    print("errors ok")
+
+
+def check_modules():
+    """The quantized modules and FewTokenLinear forced onto the Triton path (on the CPU interpreter) equal their
+    dequantized references, for decode-sized and prefill-sized inputs."""
+    torch.manual_seed(2)
+    n, k = 96, 192
+    w = torch.randn(n, k) * 0.05
+    i8 = Q.WeightOnlyInt8Linear(k, n)
+    i8.weight, i8.scales = Q.quantize_int8(w)
+    ref8 = Q.dequantize_int8(i8.weight, i8.scales)
+    i8.prepare(torch.float32, "triton")
+    i4 = Q.WeightOnlyInt4Linear(k, n, 64)
+    q, sz = Q.quantize_int4(w, 64)
+    i4.weight, i4.scales_and_zeros = Q.pack_int4(q), sz
+    ref4 = Q.dequantize_int4(i4.weight, sz, 64)
+    i4.prepare(torch.float32, "triton")
+    assert torch.equal(i4.dequantize(torch.float32), ref4)
+    for mod, ref in ((i8, ref8), (i4, ref4)):
+        for shape in ((1, 1, k), (1, 26, k), (1, 100, k)):
+            x = torch.randn(shape)
+            assert rel_err(mod(x), F.linear(x, ref)) < 1e-5, (mod, shape)
+    lin = torch.nn.Linear(k, n, bias=False)
+    few = K.FewTokenLinear(lin)
+    assert few.weight is lin.weight
+    x = torch.randn(1, 3, k)
+    assert torch.equal(few(x), lin(x))  # on CPU (not CUDA) it is F.linear
+    print("modules ok")
+
+
+def check_compile():
+    """torch.compile(fullgraph=True) keeps llmgen::wmm as one opaque call (fake shapes right, no graph break)."""
+    torch.manual_seed(3)
+    i8 = Q.WeightOnlyInt8Linear(128, 64)
+    i8.weight, i8.scales = Q.quantize_int8(torch.randn(64, 128))
+    i8.prepare(torch.float32, "triton")
+    f = torch.compile(lambda x: torch.relu(i8(x)) * 2, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 4, 128)
+    assert torch.allclose(f(x), torch.relu(i8(x)) * 2)
+    print("compile ok")
+
+
+if __name__ == "__main__":
+    assert K.INTERPRET and K.triton is not None
+    check_all_configs()
+    check_fp16()
+    check_errors()
+    check_modules()
+    check_compile()
