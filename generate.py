@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import kernels
+import quantize
 from draft import EagleHead, draft_dynamic_tree, draft_tree, load_head
 from model import CheckpointError, Transformer, load_model
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError, load_tokenizer
@@ -155,6 +157,62 @@ class Emitter:
                 self.done = True
 
 
+class GraphedStep:
+    """fn(*args), compiled by Inductor and captured once as one CUDA graph that every later call replays.
+
+    Every tensor fn reads or writes lives at a fixed address (module buffers: the KV caches, the step state), so a
+    replay copies no inputs and costs the host one cudaGraphLaunch: less than CUDA graph trees, which check and copy
+    inputs on each call. `state` lists the tensors that the warm-up calls (real steps, run before the capture to
+    compile and autotune) change and that must be put back; capturing runs nothing. Returns fn's output tensor,
+    rewritten by each replay (read it, or queue a copy of it, before the next one).
+    """
+
+    def __init__(self, fn, args: tuple, state: list[Tensor]):
+        self.fn, self.args, self.state = torch.compile(fn, fullgraph=True, dynamic=False), args, state
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: Tensor | None = None
+
+    def __call__(self) -> Tensor:
+        if self.graph is None:
+            saved = [t.clone() for t in self.state]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+                for _ in range(2):
+                    self.fn(*self.args)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, v in zip(self.state, saved, strict=True):
+                t.copy_(v)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn(*self.args)
+        self.graph.replay()
+        return self.out
+
+
+class StepState(torch.nn.Module):
+    """Plain decoding's state between steps, in module buffers: token [1, 1] (last token, not yet in the cache) at
+    RoPE position / cache slot pos [1]."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.register_buffer("token", torch.zeros(1, 1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+
+
+def plain_step(model: Transformer, st: StepState, s: Sampling) -> Tensor:
+    """One decode step on the state: returns the next token [1, 1] and moves the state on to it."""
+    nxt = decode_step(model, st.token, st.pos, s)
+    st.token.copy_(nxt)
+    st.pos.add_(1)
+    return nxt
+
+
+def graphs_wanted(device: torch.device, compile: bool) -> bool:
+    """Our own CUDA graph per step (GraphedStep) unless LLM_GEN_GRAPHS=trees asks for torch's CUDA graph trees."""
+    return compile and device.type == "cuda" and os.environ.get("LLM_GEN_GRAPHS", "manual") != "trees"
+
+
 class Generator:
     """Plain decoding for one run: the model, its cache, the compiled step (fixed sampling, fixed cache size).
 
@@ -171,18 +229,24 @@ class Generator:
         self.device = model.norm.weight.device
         model.setup_caches(1, max_seq_length)
         self.max_seq_length = max_seq_length
-        self.step = compile_step(decode_step, self.device) if compile else decode_step
         self.prefill = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
+        if type(self) is Generator:
+            self.state = StepState(self.device)
+            if graphs_wanted(self.device, compile):
+                self.step = GraphedStep(plain_step, (model, self.state, sampling), [self.state.token, self.state.pos])
+            else:
+                step = compile_step(plain_step, self.device) if compile else plain_step
+                self.step = lambda: step(self.model, self.state, self.sampling)
 
     def _start(self, prompt: Tensor) -> Tensor:
-        self.token, _ = self.prefill(self.model, prompt, self.sampling)  # [1, 1]
-        self.pos = torch.tensor([prompt.size(1)], device=self.device)
-        return self.token
+        token, _ = self.prefill(self.model, prompt, self.sampling)  # [1, 1]
+        self.state.token.copy_(token)
+        self.state.pos.fill_(prompt.size(1))
+        return token
 
     def _launch(self) -> Tensor:
-        self.token = self.step(self.model, self.token.clone(), self.pos, self.sampling)
-        self.pos += 1
-        return self.token
+        torch.compiler.cudagraph_mark_step_begin()  # (CUDA graph trees only) the last output was copied out
+        return self.step()
 
     def _tokens(self, host: Tensor) -> list[int]:
         return host.flatten().tolist()
@@ -203,14 +267,21 @@ class Generator:
         pipe.push(self._start(torch.tensor([prompt], device=self.device)))
         p1 = timer(self.device)
         # Launch one step/round ahead of the host, but never past max_new tokens in all, so the cache cannot overflow.
+        launch_s = wait_s = 0.0  # host time spent launching steps / blocked on the device (where wall time goes)
         while not out.done:
             if len(pipe) == 0 or len(out.ids) + len(pipe) * self.tokens_per_launch < max_new:
+                h0 = time.perf_counter()
                 pipe.push(self._launch())
-            out.add(self._tokens(pipe.pop()))
+                launch_s += time.perf_counter() - h0
+            h0 = time.perf_counter()
+            host = pipe.pop()
+            wait_s += time.perf_counter() - h0
+            out.add(self._tokens(host))
         if out.stream:
             out.on_text(out.stream.flush())  # text held back for an unfinished character
         sync(self.device)
-        return Result(out.ids, time.perf_counter() - t0, elapsed(p0, p1), self._stats())
+        stats = {**self._stats(), "host_launch_seconds": launch_s, "host_wait_seconds": wait_s}
+        return Result(out.ids, time.perf_counter() - t0, elapsed(p0, p1), stats)
 
 
 class EagleState(torch.nn.Module):
@@ -293,7 +364,13 @@ class EagleGenerator(Generator):
         # One CUDA graph per round (1.28x faster than two on SmolLM2, BENCHMARKS.md); split_timing runs the draft and
         # the verification as two graphs so that each can be timed.
         self.split_timing = split_timing
-        self.round = compile_step(eagle_round, self.device) if compile else eagle_round
+        round_args = (head, model, self.tree, self.state, sampling)
+        if graphs_wanted(self.device, compile):
+            # the warm-up rounds change the round state (the caches only past the committed length: rewritten later)
+            self.round = GraphedStep(eagle_round, round_args, list(self.state.buffers()))
+        else:
+            compiled = compile_step(eagle_round, self.device) if compile else eagle_round
+            self.round = lambda: compiled(*round_args)
 
     def _start(self, prompt: Tensor) -> Tensor:
         root, h = self.prefill(self.model, prompt, self.sampling)  # [1, 1], [1, P, D]
@@ -315,7 +392,7 @@ class EagleGenerator(Generator):
         t0 = timer(self.device)
         torch.compiler.cudagraph_mark_step_begin()
         if not self.split_timing:
-            out = self.round(self.head, self.model, self.tree, self.state, self.sampling)
+            out = self.round()
             self.timing.append((t0, t0, timer(self.device)))
             return out
         self.draft(self.head, self.model, self.tree, self.state)
@@ -422,6 +499,19 @@ def read_prompts(path: str) -> list[Prompt]:
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+def set_kernels(choice: str) -> None:
+    """--kernels for quantized checkpoints: call before load_model (it picks the int8/int4 kernels at load)."""
+    quantize.RUNTIME.update(int8_kernel=choice, int4_kernel=choice)
+
+
+def use_kernels(choice: str, *modules: torch.nn.Module) -> int:
+    """--kernels for bf16/fp16 linears: swap them for kernels.FewTokenLinear unless 'torch' or unavailable."""
+    if choice == "torch" or kernels.triton is None:
+        return 0
+    return sum(kernels.use_triton_linears(m) for m in modules)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -461,6 +551,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--compile-prefill", "--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)"
+    )
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        choices=KERNEL_CHOICES,
+        help="matmul kernels for inputs of up to 64 tokens (decode steps, EAGLE rounds) on CUDA: 'triton' = the "
+        "few-token kernels of kernels.py for bf16/fp16, int8 and int4 weights; 'torch' = cuBLAS (bf16), Inductor "
+        "(int8), tinygemm (int4); 'auto' (default) = triton when the triton package is installed",
     )
     p.add_argument(
         "--num-samples",
@@ -532,8 +630,13 @@ def run(a: argparse.Namespace) -> None:
     use_compile = a.compile if a.compile is not None else device.type == "cuda"
     torch.manual_seed(a.seed)
 
+    if a.kernels == "triton" and not kernels.available(torch.empty(0, dtype=dtype, device=device)):
+        raise UserError("--kernels triton needs a CUDA device, --dtype bfloat16 or float16 and the triton package")
     t0 = time.perf_counter()
+    set_kernels(a.kernels if device.type == "cuda" else "auto")
     model = load_model(a.checkpoint, device=device, dtype=dtype)
+    if device.type == "cuda":
+        use_kernels(a.kernels, model)
     folder = Path(a.checkpoint) if Path(a.checkpoint).is_dir() else Path(a.checkpoint).parent
     tok = load_tokenizer(folder)
     chat = a.chat if a.chat is not None else tok.chat_template is not None
@@ -610,6 +713,8 @@ def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
         raise UserError(str(e)) from None
     head_dir = find_head(folder) if a.eagle == "auto" else Path(a.eagle)
     head = load_head(head_dir, model.args, model.norm.weight.device, model.norm.weight.dtype)
+    if model.norm.weight.device.type == "cuda":
+        use_kernels(a.kernels, head)
     log(f"EAGLE head {head_dir}, tree of {tree.N} tokens, depth {tree.D}")
     return EagleGenerator(model, head, tree, sampling, need, use_compile, a.compile_prefill, a.eagle_timing)
 

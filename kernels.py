@@ -53,11 +53,11 @@ if triton is not None:
     def _prune(configs, named_args, **kwargs):
         """Fit the block shapes to the matrix: BLOCK_K is cut to the largest power of two dividing K (so K needs no
         masks; K is a multiple of 16, and of the group size >= 32 for int4), BLOCK_N to at most N rounded up to 16."""
-        k, n = named_args["K"], named_args["N"]
-        kmax = k & -k
+        k, n, group = named_args["K"], named_args["N"], kwargs.get("GROUP", 0)
+        kmax = k & -k  # >= GROUP for int4, since K is a multiple of the (power-of-two) group size
         fitted = {}
         for c in configs:
-            bn, bk = c.kwargs["BLOCK_N"], min(c.kwargs["BLOCK_K"], kmax)
+            bn, bk = c.kwargs["BLOCK_N"], min(max(c.kwargs["BLOCK_K"], group), kmax)
             if bn <= max(16, triton.next_power_of_2(n)):
                 cfg = triton.Config({**c.kwargs, "BLOCK_K": bk}, num_warps=c.num_warps, num_stages=c.num_stages)
                 fitted.setdefault((bn, bk, c.num_warps, c.num_stages), cfg)
@@ -74,6 +74,7 @@ if triton is not None:
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn, bk, w, s in [
             (16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 8, 2),
+            (16, 256, 4, 5), (16, 512, 4, 4), (32, 256, 8, 4), (32, 512, 8, 3),
         ]
     ]  # fmt: skip
 
@@ -100,20 +101,24 @@ if triton is not None:
     ):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        if QUANT == 2:  # work on byte pairs: even elements in the high nibble, odd in the low one
-            rb = tl.arange(0, BLOCK_K // 2)
-            acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+        if QUANT == 2:
+            # A chunk is [BLOCK_N rows, NG groups, HG bytes]: each byte holds an even (high nibble) and an odd (low
+            # nibble) element, and each (row, group) one (scale, zero) pair, broadcast over the group's bytes.
+            NG: tl.constexpr = BLOCK_K // GROUP
+            HG: tl.constexpr = GROUP // 2
+            rg, rj = tl.arange(0, NG), tl.arange(0, HG)
+            acc = tl.zeros((BLOCK_N, NG, HG), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                b = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rb)[None, :], mask=n_ok[:, None], other=0)
-                b = b.to(tl.int32)
-                g = 2 * (rn[:, None] * (K // GROUP) + ((k0 + 2 * rb) // GROUP)[None, :])
-                s = tl.load(s_ptr + g, mask=n_ok[:, None], other=0.0).to(tl.float32)
-                z = tl.load(s_ptr + g + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)
-                xe = tl.load(x_ptr + k0 + 2 * rb).to(tl.float32)
-                xo = tl.load(x_ptr + k0 + 2 * rb + 1).to(tl.float32)
-                we = _as_float(b >> 4, 0, 8) * s + z
-                wo = _as_float(b & 15, 0, 8) * s + z
-                acc += we * xe[None, :] + wo * xo[None, :]
+                bp = w_ptr + rn[:, None, None] * (K // 2) + (k0 // 2 + rg[:, None] * HG + rj[None, :])[None, :, :]
+                b = tl.load(bp, mask=n_ok[:, None, None], other=0).to(tl.int32)
+                sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + rg)[None, :])
+                s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+                z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+                xp = x_ptr + k0 + 2 * (rg[:, None] * HG + rj[None, :])
+                xe = tl.load(xp).to(tl.float32)[None, :, :]
+                xo = tl.load(xp + 1).to(tl.float32)[None, :, :]
+                acc += (_as_float(b >> 4, 0, 8) * s + z) * xe + (_as_float(b & 15, 0, 8) * s + z) * xo
+            acc = tl.sum(acc, axis=2)
         else:
             rk = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -150,19 +155,22 @@ if triton is not None:
         n_ok, m_ok = rn < N, rm < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         dt = x_ptr.dtype.element_ty
-        if QUANT == 2:
+        if QUANT == 2:  # dequantize a [BLOCK_N, NG, HG] chunk as in _gemv_kernel, then two dots (even, odd)
+            NG: tl.constexpr = BLOCK_K // GROUP
+            HG: tl.constexpr = GROUP // 2
+            rg, rj = tl.arange(0, NG), tl.arange(0, HG)
             rb = tl.arange(0, BLOCK_K // 2)
             for k0 in range(0, K, BLOCK_K):
-                b = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rb)[None, :], mask=n_ok[:, None], other=0)
-                b = b.to(tl.int32)
-                g = 2 * (rn[:, None] * (K // GROUP) + ((k0 + 2 * rb) // GROUP)[None, :])
-                s = tl.load(s_ptr + g, mask=n_ok[:, None], other=0.0).to(tl.float32)
-                z = tl.load(s_ptr + g + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)
+                bp = w_ptr + rn[:, None, None] * (K // 2) + (k0 // 2 + rg[:, None] * HG + rj[None, :])[None, :, :]
+                b = tl.load(bp, mask=n_ok[:, None, None], other=0).to(tl.int32)
+                sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + rg)[None, :])
+                s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+                z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+                we = tl.reshape((_as_float(b >> 4, 0, 8) * s + z).to(dt), (BLOCK_N, BLOCK_K // 2))
+                wo = tl.reshape((_as_float(b & 15, 0, 8) * s + z).to(dt), (BLOCK_N, BLOCK_K // 2))
                 xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]
                 xe = tl.load(xp, mask=m_ok[:, None], other=0.0)
                 xo = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
-                we = (_as_float(b >> 4, 0, 8) * s + z).to(dt)
-                wo = (_as_float(b & 15, 0, 8) * s + z).to(dt)
                 acc += tl.dot(xe, tl.trans(we))
                 acc += tl.dot(xo, tl.trans(wo))
         else:

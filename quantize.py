@@ -41,9 +41,9 @@ Otherwise:
         inputs of more than one token are dequantized + dense matmul (CPU_FP32_DENSE_ABOVE) and single-token decode
         steps use the kernel.
         Any other device (or kernel "dequant"): dequantize then F.linear (also the reference in the tests).
-  Options (RUNTIME below, or the same keys in the quant dict): int8_kernel / int4_kernel pick the kernel ("auto",
-  "triton", "torch" / "tinygemm_cuda", "tinygemm_cpu", "dequant"); int4_dense_above=M sends inputs of more than M
-  tokens through dequantize + dense matmul with the tinygemm kernels.
+  Options (RUNTIME below, or the same keys in the quant dict): int8_kernel / int4_kernel pick the kernel:
+  "auto", "triton", "torch" (the best one that is not ours), for int4 also "tinygemm_cuda", "tinygemm_cpu",
+  "dequant"; int4_dense_above=M sends inputs of more than M tokens through dequantize + dense matmul (tinygemm).
 """
 
 from __future__ import annotations
@@ -266,8 +266,8 @@ class WeightOnlyInt4Linear(nn.Module):
         if self.prepared:
             raise RuntimeError("WeightOnlyInt4Linear.prepare() called twice")
         dev, n, kp = self.weight.device, self.out_features, self.padded_in_features
-        if kernel == "auto":
-            if kernels.available(torch.empty(0, dtype=dtype, device=dev)):
+        if kernel in ("auto", "torch"):  # "torch": the best kernel that is not ours
+            if kernel == "auto" and kernels.available(torch.empty(0, dtype=dtype, device=dev)):
                 kernel = "triton"
             elif dev.type == "cuda" and n % 8 == 0:
                 kernel = "tinygemm_cuda"

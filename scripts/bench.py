@@ -57,13 +57,11 @@ QUANT: dict | None = None  # --quant: {"mode": "int8"} or {"mode": "int4", "grou
 KERNEL = "auto"  # --kernel: "triton" also sends bf16 linears through kernels.py; "torch" = cuBLAS / tinygemm / Inductor
 
 
-def apply_kernel_choice(model: M.Transformer) -> M.Transformer:
-    """--kernel triton: bf16 linears through kernels.FewTokenLinear (quantized ones follow quantize.RUNTIME)."""
-    if KERNEL == "triton" and not QUANT:
-        import kernels  # noqa: PLC0415
-
-        print(f"kernels.use_triton_linears: {kernels.use_triton_linears(model)} linears", flush=True)
-    return model
+def apply_kernel_choice(*modules: torch.nn.Module):
+    """--kernel for bf16 linears, as generate.py --kernels does (quantized ones follow quantize.RUNTIME)."""
+    if not QUANT:
+        print(f"--kernel {KERNEL}: {G.use_kernels(KERNEL, *modules)} linears on kernels.py", flush=True)
+    return modules[0]
 
 
 def random_model(name: str, dtype=torch.bfloat16) -> M.Transformer:
@@ -307,8 +305,14 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
     plain = G.Generator(model, G.Sampling(), T_, compile=True)
     plain.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
     runs = [plain.generate(p, max_new, tok.stop_ids) for p in prompts]
-    res["plain"] = {"tokens_per_s": sum(len(r.output_ids) for r in runs) / sum(r.seconds for r in runs)}
+    res["plain"] = {
+        "tokens_per_s": sum(len(r.output_ids) for r in runs) / sum(r.seconds for r in runs),
+        "host_launch_s": sum(r.stats["host_launch_seconds"] for r in runs),
+        "host_wait_s": sum(r.stats["host_wait_seconds"] for r in runs),
+        "seconds": sum(r.seconds for r in runs), "tokens": sum(len(r.output_ids) for r in runs),
+    }  # fmt: skip
     head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
+    apply_kernel_choice(head)
     for spec in tree_specs:
         split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
         name = spec.removesuffix("+split")
@@ -334,6 +338,9 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
             "draft_s": sum(r.stats["draft_seconds"] for r in eruns) if split else None,
             "verify_s": sum(r.stats["verify_seconds"] for r in eruns) if split else None,
             "seconds": sum(r.seconds for r in eruns), "rounds": rounds, "tokens": toks,
+            "host_launch_s": sum(r.stats["host_launch_seconds"] for r in eruns),
+            "host_wait_s": sum(r.stats["host_wait_seconds"] for r in eruns),
+            "prefill_s": sum(r.prefill_seconds for r in eruns),
         }  # fmt: skip
         print(json.dumps({spec: res[spec]}), flush=True)
     return res
@@ -366,10 +373,7 @@ def main() -> None:
     global PROFILE_DIR, QUANT, KERNEL
     PROFILE_DIR = Path(a.profile) if a.profile else None
     KERNEL = a.kernel
-    if a.kernel == "torch":
-        import quantize  # noqa: PLC0415
-
-        quantize.RUNTIME.update(int8_kernel="torch", int4_kernel="tinygemm_cuda")
+    G.set_kernels(a.kernel)
     if a.quant:
         mode, _, g = a.quant.partition(":")
         QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
