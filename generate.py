@@ -556,9 +556,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--kernels",
         default="auto",
         choices=KERNEL_CHOICES,
-        help="matmul kernels for inputs of up to 64 tokens (decode steps, EAGLE rounds) on CUDA: 'triton' = the "
-        "few-token kernels of kernels.py for bf16/fp16, int8 and int4 weights; 'torch' = cuBLAS (bf16), Inductor "
-        "(int8), tinygemm (int4); 'auto' (default) = triton when the triton package is installed",
+        help="matmul kernels on CUDA: 'auto' (default) = kernels.py's Triton GEMV for one-token bf16/fp16 steps "
+        "and its int8 kernels (up to 64 tokens), tinygemm for int4; 'triton' = kernels.py also for int4; 'torch' = "
+        "cuBLAS, Inductor (int8) and tinygemm only. Triton kernels need the triton package (CUDA torch has it)",
     )
     p.add_argument(
         "--num-samples",

@@ -83,6 +83,21 @@ if triton is not None:
         """int32 i (with i + OFFSET in 0..2^23) -> float32 i - SUB, by the exponent trick."""
         return (i + (0x4B000000 + OFFSET)).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET + SUB)
 
+    @triton.jit
+    def _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The int4 weights of rows rn, columns k0 .. k0+BLOCK_K, as float32 (even, odd) [rows, NG groups, HG bytes]:
+        each byte holds an even (high nibble) and an odd (low nibble) element, and each (row, group) one
+        (scale, zero) pair, broadcast over the group's bytes."""
+        NG: tl.constexpr = BLOCK_K // GROUP
+        HG: tl.constexpr = GROUP // 2
+        rg, rj = tl.arange(0, NG), tl.arange(0, HG)
+        bp = w_ptr + rn[:, None, None] * (K // 2) + (k0 // 2 + rg[:, None] * HG + rj[None, :])[None, :, :]
+        b = tl.load(bp, mask=n_ok[:, None, None], other=0).to(tl.int32)
+        sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + rg)[None, :])
+        s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+        return _as_float(b >> 4, 0, 8) * s + z, _as_float(b & 15, 0, 8) * s + z
+
     _TUNE = {"prune_configs_by": {"early_config_prune": _prune}, "do_bench": _fast_bench}
 
     @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP"], **_TUNE)
@@ -101,23 +116,17 @@ if triton is not None:
     ):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        if QUANT == 2:
-            # A chunk is [BLOCK_N rows, NG groups, HG bytes]: each byte holds an even (high nibble) and an odd (low
-            # nibble) element, and each (row, group) one (scale, zero) pair, broadcast over the group's bytes.
+        if QUANT == 2:  # chunks of [BLOCK_N rows, NG groups, HG bytes] (see _int4_chunk)
             NG: tl.constexpr = BLOCK_K // GROUP
             HG: tl.constexpr = GROUP // 2
             rg, rj = tl.arange(0, NG), tl.arange(0, HG)
             acc = tl.zeros((BLOCK_N, NG, HG), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                bp = w_ptr + rn[:, None, None] * (K // 2) + (k0 // 2 + rg[:, None] * HG + rj[None, :])[None, :, :]
-                b = tl.load(bp, mask=n_ok[:, None, None], other=0).to(tl.int32)
-                sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + rg)[None, :])
-                s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-                z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+                we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
                 xp = x_ptr + k0 + 2 * (rg[:, None] * HG + rj[None, :])
                 xe = tl.load(xp).to(tl.float32)[None, :, :]
                 xo = tl.load(xp + 1).to(tl.float32)[None, :, :]
-                acc += (_as_float(b >> 4, 0, 8) * s + z) * xe + (_as_float(b & 15, 0, 8) * s + z) * xo
+                acc += we * xe + wo * xo
             acc = tl.sum(acc, axis=2)
         else:
             rk = tl.arange(0, BLOCK_K)
@@ -155,19 +164,12 @@ if triton is not None:
         n_ok, m_ok = rn < N, rm < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         dt = x_ptr.dtype.element_ty
-        if QUANT == 2:  # dequantize a [BLOCK_N, NG, HG] chunk as in _gemv_kernel, then two dots (even, odd)
-            NG: tl.constexpr = BLOCK_K // GROUP
-            HG: tl.constexpr = GROUP // 2
-            rg, rj = tl.arange(0, NG), tl.arange(0, HG)
+        if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd)
             rb = tl.arange(0, BLOCK_K // 2)
             for k0 in range(0, K, BLOCK_K):
-                bp = w_ptr + rn[:, None, None] * (K // 2) + (k0 // 2 + rg[:, None] * HG + rj[None, :])[None, :, :]
-                b = tl.load(bp, mask=n_ok[:, None, None], other=0).to(tl.int32)
-                sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + rg)[None, :])
-                s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-                z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-                we = tl.reshape((_as_float(b >> 4, 0, 8) * s + z).to(dt), (BLOCK_N, BLOCK_K // 2))
-                wo = tl.reshape((_as_float(b & 15, 0, 8) * s + z).to(dt), (BLOCK_N, BLOCK_K // 2))
+                we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
+                we = tl.reshape(we.to(dt), (BLOCK_N, BLOCK_K // 2))
+                wo = tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2))
                 xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]
                 xe = tl.load(xp, mask=m_ok[:, None], other=0.0)
                 xo = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
@@ -232,8 +234,10 @@ def int4_layout(scales_and_zeros: Tensor, dtype: torch.dtype = torch.bfloat16) -
 
 
 class FewTokenLinear(torch.nn.Module):
-    """A bias-free dense nn.Linear whose forward uses the Triton kernel for up to MAX_M tokens (bf16/fp16 on CUDA)
-    and F.linear otherwise. Shares the original weight Parameter (tied embeddings stay tied)."""
+    """A bias-free dense nn.Linear whose forward uses the Triton GEMV for one token (bf16/fp16 on CUDA) and F.linear
+    otherwise. Shares the original weight Parameter (tied embeddings stay tied). One token only: in `bench.py
+    --linears` the GEMV beat cuBLAS on most decode shapes (SmolLM2: 2.1-2.5 vs 3.3-4.7 us), while for 8-64 tokens
+    cuBLAS was as fast or faster (BENCHMARKS.md)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -243,7 +247,7 @@ class FewTokenLinear(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= MAX_M and available(x2) and x2.dtype == self.weight.dtype:
+        if x2.shape[0] == 1 and available(x2) and x2.dtype == self.weight.dtype:
             return wmm(x2.contiguous(), self.weight, None, NONE, 0).reshape(*lead, self.out_features)
         return torch.nn.functional.linear(x, self.weight)
 

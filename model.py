@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -180,14 +181,19 @@ class Attention(nn.Module):
         v = v.view(B, S, KV, hd).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         k, v = self.kv_cache.update(cache_pos, k, v)  # [B, KV, T, hd]
-        if S > SMALL_S:  # prefill: the fused kernel
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)  # [B, H, S, hd]
+        if S > SMALL_S:  # prefill: a fused kernel, but not cuDNN's (see PREFILL_SDPA)
+            with sdpa_kernel(PREFILL_SDPA):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)  # [B, H, S, hd]
         else:  # decode and tree verification: plain matmuls that torch.compile fuses, K/V never copied per head
             y = small_attention(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(B, S, H * hd))
 
 
 SMALL_S = 64  # forwards of at most this many tokens use `small_attention`
+# SDPA backends allowed for prefill. Not cuDNN: on H100/H200 torch picks it for a masked bf16 prefill, and it builds
+# a new execution plan for every new prompt length (50-100 ms host time each, measured: BENCHMARKS.md), which
+# dominated EAGLE's time per MT-bench question.
+PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def small_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

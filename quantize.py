@@ -26,10 +26,11 @@ On-disk format (device independent, no kernel-specific packing):
         then that grid's width (32), since requantizing onto a wider grid adds the two errors (SmolLM2-135M from
         Q4_1: +0.04 nats at g32, +0.38 at g64 on tests/data/heldout.txt).
 
-Run time (prepare_for_device), CUDA with bf16/fp16 activations and triton installed (kernel "triton", the default
-there): inputs of up to kernels.MAX_M = 64 tokens (decode steps, EAGLE drafts and tree verification) go through the
-Triton kernels of kernels.py, which read the int8 weight, or the on-disk int4 layout with bf16 (scale, zero) pairs,
-directly; larger inputs (prefill) dequantize and run a dense matmul.
+Run time (prepare_for_device). int8 on CUDA with bf16/fp16 activations and triton installed (kernel "triton", the
+default there): inputs of up to kernels.MAX_M = 64 tokens (decode steps, EAGLE drafts and tree verification) go
+through the Triton kernels of kernels.py, which read the int8 weight directly (1.8x Inductor's fused reduction on the
+7B shape); larger inputs (prefill) convert the weight and run a dense matmul. int4 "triton" (the on-disk layout with
+bf16 (scale, zero) pairs, same kernels) is available but not the default: tinygemm was faster when measured.
 Otherwise:
   int8  (kernel "torch") scales are cast to the activation dtype; one token = multiply + sum (Inductor fuses it into
         one reduction reading the int8 weight), more tokens = F.linear(x, weight.to(x.dtype)) * scales.
@@ -266,10 +267,8 @@ class WeightOnlyInt4Linear(nn.Module):
         if self.prepared:
             raise RuntimeError("WeightOnlyInt4Linear.prepare() called twice")
         dev, n, kp = self.weight.device, self.out_features, self.padded_in_features
-        if kernel in ("auto", "torch"):  # "torch": the best kernel that is not ours
-            if kernel == "auto" and kernels.available(torch.empty(0, dtype=dtype, device=dev)):
-                kernel = "triton"
-            elif dev.type == "cuda" and n % 8 == 0:
+        if kernel in ("auto", "torch"):  # tinygemm: faster than kernels.py's int4 path when measured (BENCHMARKS.md)
+            if dev.type == "cuda" and n % 8 == 0:
                 kernel = "tinygemm_cuda"
             elif dev.type == "cpu" and n % 16 == 0:
                 kernel = "tinygemm_cpu"

@@ -43,7 +43,7 @@ HF_CASES = {  # name: (model class, config overrides, first RoPE position)
     "mistral": ("MistralForCausalLM", dict(sliding_window=None), 0),
     "qwen2-bias": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True), 0),
 }
-PREFILL, DECODE = 12, 6
+PREFILL, DECODE = 70, 6  # 70 > model.SMALL_S: the prefill runs the SDPA path
 TOL = 1e-4
 
 
@@ -85,7 +85,7 @@ def test_hf_parity(tmp_path: Path, case: str):
     n = PREFILL + DECODE
     ids = torch.randint(0, TINY_HF["vocab_size"], (1, n), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(start, start + n)
-    ours.setup_caches(1, 256)
+    ours.setup_caches(1, 512)
     with torch.no_grad():
         # Prefill: every position. Our positions start at `start`, but the cache slots at 0.
         got = ours(ids[:, :PREFILL], pos[:PREFILL], cache_pos=torch.arange(PREFILL))

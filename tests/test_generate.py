@@ -97,6 +97,7 @@ def test_cli_generates_and_writes_json(tiny_ckpt, tmp_path):
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--prompts-file", "/nonexistent.jsonl"], "prompts file not found"),
         (["--temperature", "-1"], "--temperature"),
+        (["--kernels", "triton", "--device", "cpu"], "--kernels triton needs"),
     ],
 )
 def test_cli_errors(tiny_ckpt, argv, needle):
