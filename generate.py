@@ -12,6 +12,7 @@ step launched past the stop is simply discarded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -167,22 +168,35 @@ class GraphedStep:
     rewritten by each replay (read it, or queue a copy of it, before the next one).
     """
 
-    def __init__(self, fn, args: tuple, state: list[Tensor]):
-        self.fn, self.args, self.state = torch.compile(fn, fullgraph=True, dynamic=False), args, state
+    def __init__(self, fn, args: tuple, state: list[Tensor], compile: bool = True):
+        self.fn = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
+        self.args, self.state = args, state
+        self.cuda = state[0].is_cuda
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
+        self.warm = False
+
+    def _warm_up(self) -> None:
+        """Two real calls (compilation, autotuning, allocations), then the state is put back as it was."""
+        saved = [t.clone() for t in self.state]
+        side = torch.cuda.Stream() if self.cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():  # capture needs a side stream
+            for _ in range(2):
+                self.fn(*self.args)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        for t, v in zip(self.state, saved, strict=True):
+            t.copy_(v)
+        self.warm = True
 
     def __call__(self) -> Tensor:
+        if not self.warm:
+            self._warm_up()
+        if not self.cuda:  # CPU (tests): the same warm-up and restore, then plain calls
+            return self.fn(*self.args)
         if self.graph is None:
-            saved = [t.clone() for t in self.state]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-                for _ in range(2):
-                    self.fn(*self.args)
-            torch.cuda.current_stream().wait_stream(side)
-            for t, v in zip(self.state, saved, strict=True):
-                t.copy_(v)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.out = self.fn(*self.args)

@@ -352,3 +352,24 @@ def test_tree_auto_picks_a_size_and_caches_it(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(G, "forward_seconds", lambda *a, **k: pytest.fail("should come from the cache"))
     assert G.auto_tree(model).N == tree.N
     assert (tmp_path / "tree_auto.json").is_file()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("spec", ["default", "eagle2:K=4,D=4,N=12"])
+def test_graphed_step_warm_up_leaves_outputs_unchanged(tiny_ckpt, spec):
+    """GraphedStep (CUDA's one-graph-per-round path) runs two real rounds before capturing, then puts the state
+    back. On the CPU it does the same warm-up and restore without a graph: outputs must still equal plain greedy."""
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    cases = [(PROMPT, 30), ([7], 9)]
+    refs = [plain_greedy(tiny_ckpt, p, n) for p, n in cases]
+    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    gen = G.EagleGenerator(load(tiny_ckpt), random_head(args, 1), tree, G.Sampling(), 200)
+    round_args = (gen.head, gen.model, gen.tree, gen.state, gen.sampling)
+    gen.round = G.GraphedStep(G.eagle_round, round_args, list(gen.state.buffers()), compile=False)
+    plain = G.Generator(load(tiny_ckpt), G.Sampling(), 256)
+    step_args = (plain.model, plain.state, plain.sampling)
+    plain.step = G.GraphedStep(G.plain_step, step_args, [plain.state.token, plain.state.pos], compile=False)
+    for (prompt, max_new), ref in zip(cases, refs, strict=True):
+        assert gen.generate(prompt, max_new, set(), True).output_ids == ref
+        assert plain.generate(prompt, max_new, set(), True).output_ids == ref
+    assert gen.round.warm and plain.step.warm
