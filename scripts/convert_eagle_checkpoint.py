@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import torch  # noqa: E402
 from convert_hf_checkpoint import (  # noqa: E402
     ConversionError,
+    check_mlp,
     check_names_and_shapes,
     read_weights,
     rope_settings,
@@ -69,10 +70,7 @@ def head_config_to_args(cfg: dict) -> ModelArgs:
     """ModelArgs (n_layers=1) of the draft layer described by an official EAGLE-1 config.json."""
     if cfg.get("num_hidden_layers", 1) not in (1, None):
         raise ConversionError(f"num_hidden_layers={cfg['num_hidden_layers']}: only one-layer heads are supported")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
-    if cfg.get("mlp_bias"):
-        raise ConversionError("mlp_bias is not supported")
+    check_mlp(cfg)
     rope_base, rope_scaling = rope_settings(cfg)
     try:
         n_heads = int(cfg["num_attention_heads"])

@@ -84,14 +84,19 @@ def rope_settings(cfg: dict) -> tuple[float, dict | None]:
     return theta, scaling
 
 
-def config_to_args(cfg: dict) -> ModelArgs:
-    model_type = cfg.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ConversionError(f"unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
+def check_mlp(cfg: dict) -> None:
+    """The MLP must be ours: SwiGLU (silu) without biases."""
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
     if cfg.get("mlp_bias"):
         raise ConversionError("mlp_bias is not supported")
+
+
+def config_to_args(cfg: dict) -> ModelArgs:
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConversionError(f"unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
+    check_mlp(cfg)
     rope_base, rope_scaling = rope_settings(cfg)
     max_seq_len = int(cfg.get("max_position_embeddings", 4096))
     # We have no sliding-window attention: cap the context so that every sequence we allow is exact.
