@@ -352,6 +352,14 @@ def eagle_round(head: EagleHead, target: Transformer, tree: Tree | DynamicTree, 
     return eagle_verify(target, tree, st, s)
 
 
+def eagle_prefill(model: Transformer, head: EagleHead, tokens: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
+    """The target's prefill, then the head's committed slots from the pairs (f_i, t_{i+1}), i < P-1."""
+    root, h = prefill(model, tokens, s)  # [1, 1], [1, P, D]
+    if tokens.size(1) > 1:
+        head.prefill(model, tokens[:, 1:], h[:, :-1])
+    return root, h
+
+
 class EagleGenerator(Generator):
     """EAGLE speculative decoding: per round, draft a tree (compiled), verify it with one target forward (compiled),
     keep the longest accepted path. Lossless: see tree.verify."""
@@ -362,6 +370,9 @@ class EagleGenerator(Generator):
         # A launched-ahead round may start up to R tokens past the budget and writes N slots from there.
         super().__init__(model, sampling, round_up(need + 2 * R + N, 64), compile, compile_prefill)
         self.head, self.tokens_per_launch = head, R
+        self.eagle_prefill = (
+            torch.compile(eagle_prefill, fullgraph=True, dynamic=True) if compile_prefill else eagle_prefill
+        )
         self.state = EagleState(R, N, model.args.dim, self.device, model.norm.weight.dtype)
         if isinstance(tree, DynamicTree):
             self.tree = tree
@@ -387,9 +398,7 @@ class EagleGenerator(Generator):
             self.round = lambda: compiled(*round_args)
 
     def _start(self, prompt: Tensor) -> Tensor:
-        root, h = self.prefill(self.model, prompt, self.sampling)  # [1, 1], [1, P, D]
-        if prompt.size(1) > 1:
-            self.head.prefill(self.model, prompt[:, 1:], h[:, :-1])  # pairs (f_i, t_{i+1}), i < P-1
+        root, h = self.eagle_prefill(self.model, self.head, prompt, self.sampling)  # [1, 1], [1, P, D]
         st, R = self.state, self.tree.D + 1
         st.L.fill_(prompt.size(1))
         st.n.fill_(1)
@@ -564,7 +573,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="compile the decode step with CUDA graphs (default: on with CUDA)",
     )
     p.add_argument(
-        "--compile-prefill", "--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)"
+        "--compile-prefill",
+        "--compile_prefill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also compile prefill, once for all prompt lengths (dynamic shapes; default: on with --compile). Eager "
+        "prefill costs ~25 ms of host time per prompt on SmolLM2 (BENCHMARKS.md), a tenth of a 256-token answer",
     )
     p.add_argument(
         "--kernels",
@@ -717,8 +731,9 @@ def run(a: argparse.Namespace) -> None:
 
 
 def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
+    compile_prefill = a.compile_prefill if a.compile_prefill is not None else use_compile
     if a.eagle is None:
-        return Generator(model, sampling, round_up(need, 64), use_compile, a.compile_prefill)
+        return Generator(model, sampling, round_up(need, 64), use_compile, compile_prefill)
     try:
         tree = (
             auto_tree(model) if a.tree == "auto" else parse_dynamic_spec(a.tree) or build_tree(parse_tree_spec(a.tree))
@@ -730,7 +745,7 @@ def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
     if model.norm.weight.device.type == "cuda":
         use_kernels(a.kernels, head)
     log(f"EAGLE head {head_dir}, tree of {tree.N} tokens, depth {tree.D}")
-    return EagleGenerator(model, head, tree, sampling, need, use_compile, a.compile_prefill, a.eagle_timing)
+    return EagleGenerator(model, head, tree, sampling, need, use_compile, compile_prefill, a.eagle_timing)
 
 
 AUTO_SIZES = (40, 48, 50, 56, 60)  # EAGLE-2's total_token=-1: candidate tree sizes ...

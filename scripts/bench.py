@@ -54,6 +54,7 @@ def copy_bandwidth(gib: float = 2.0) -> float:
 
 
 QUANT: dict | None = None  # --quant: {"mode": "int8"} or {"mode": "int4", "groupsize": 64}
+COMPILE_PREFILL = True  # --no-compile-prefill: eager prefill, as generate.py --no-compile-prefill
 KERNEL = "auto"  # --kernel: "triton" also sends bf16 linears through kernels.py; "torch" = cuBLAS / tinygemm / Inductor
 
 
@@ -98,17 +99,31 @@ def mt_bench_prompts(tok, n: int) -> list[list[int]]:
     return [tok.encode_prompt(p.turns[0], chat=True) for p in prompts]
 
 
+def warm_prefill(gen: G.Generator, prompts: list[list[int]]) -> None:
+    """Compile the prefill graphs before timing: the compiled prefill has one dynamic-shape graph for prompts of up to
+    model.SMALL_S tokens and one for longer ones; the first prompt compiled one of them."""
+    for p in {len(p) > M.SMALL_S: p for p in prompts}.values():
+        gen.generate(p, 4, set(), ignore_eos=True)
+
+
 def bench_plain(name: str, n_prompts: int, max_new: int) -> dict:
     """Greedy batch-1 decoding, --ignore-eos. First call includes compilation; warm calls are the figure."""
     model, tok = load(name)
     prompts = mt_bench_prompts(tok, n_prompts) if tok else [[1, 450, 4996, 17354, 1701]] * n_prompts
-    gen = G.Generator(model, G.Sampling(), G.round_up(max(map(len, prompts)) + max_new, 64), compile=True)
+    gen = G.Generator(
+        model,
+        G.Sampling(),
+        G.round_up(max(map(len, prompts)) + max_new, 64),
+        compile=True,
+        compile_prefill=COMPILE_PREFILL,
+    )
     t0 = time.perf_counter()
     first = gen.generate(prompts[0], max_new, set(), ignore_eos=True)
     first_call = time.perf_counter() - t0
     t0 = time.perf_counter()
     second = gen.generate(prompts[0], max_new, set(), ignore_eos=True)
     second_call = time.perf_counter() - t0
+    warm_prefill(gen, prompts)
     runs = [gen.generate(p, max_new, set(), ignore_eos=True) for p in prompts]
     prefill_s = statistics.median(
         cuda_time(lambda p=p: gen._start(torch.tensor([p], device="cuda")), 3) for p in prompts[:10]
@@ -262,7 +277,9 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
         )
     torch.manual_seed(0)
     head = EagleHead(M.ModelArgs(**{**model.args.to_dict(), "n_layers": 1})).cuda().to(torch.bfloat16).eval()
-    gen = G.EagleGenerator(model, head, tree, G.Sampling(), 1024, compile=True, split_timing=True)
+    gen = G.EagleGenerator(
+        model, head, tree, G.Sampling(), 1024, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=True
+    )
     with torch.inference_mode():
         gen._start(torch.randint(0, model.args.vocab_size, (1, 400), device="cuda"))
         st = gen.state
@@ -302,8 +319,9 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
     prompts = [tok.encode_prompt(q.turns[0], chat=True) for q in questions]
     T_ = G.round_up(max(map(len, prompts)) + max_new, 64)
     res: dict = {"prompts": len(prompts), "max_new_tokens": max_new}
-    plain = G.Generator(model, G.Sampling(), T_, compile=True)
+    plain = G.Generator(model, G.Sampling(), T_, compile=True, compile_prefill=COMPILE_PREFILL)
     plain.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
+    warm_prefill(plain, prompts)
     runs = [plain.generate(p, max_new, tok.stop_ids) for p in prompts]
     res["plain"] = {
         "tokens_per_s": sum(len(r.output_ids) for r in runs) / sum(r.seconds for r in runs),
@@ -317,8 +335,11 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
         name = spec.removesuffix("+split")
         tree = T.parse_dynamic_spec(name) or T.build_tree(T.parse_tree_spec(name))
-        gen = G.EagleGenerator(model, head, tree, G.Sampling(), T_, compile=True, split_timing=split)
+        gen = G.EagleGenerator(
+            model, head, tree, G.Sampling(), T_, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=split
+        )
         gen.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
+        warm_prefill(gen, prompts)
         eruns = [gen.generate(p, max_new, tok.stop_ids) for p in prompts]
         profile(gen, prompts[0], max_new, f"eagle_{spec.replace(':', '').replace('+', '_')}")
         toks = sum(len(r.output_ids) for r in eruns)
@@ -365,14 +386,20 @@ def main() -> None:
         "--kernel",
         default="auto",
         choices=["auto", "torch", "triton"],
-        help="linear kernels: triton = kernels.py for bf16 and quantized linears; torch = cuBLAS for bf16, "
-        "Inductor (int8) and tinygemm (int4); auto = triton for quantized, cuBLAS for bf16",
+        help="as generate.py --kernels: auto = Triton GEMV for one-token bf16 steps, Triton int8, tinygemm int4; "
+        "triton = kernels.py for every linear of 1-64 tokens; torch = cuBLAS, Inductor (int8) and tinygemm (int4)",
     )
     p.add_argument("--linears", action="store_true", help="micro-benchmark every linear shape per kernel")
+    p.add_argument(
+        "--compile-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compiled prefill (dynamic shapes), the generate.py default on CUDA",
+    )
     a = p.parse_args()
-    global PROFILE_DIR, QUANT, KERNEL
+    global PROFILE_DIR, QUANT, KERNEL, COMPILE_PREFILL
     PROFILE_DIR = Path(a.profile) if a.profile else None
-    KERNEL = a.kernel
+    KERNEL, COMPILE_PREFILL = a.kernel, a.compile_prefill
     G.set_kernels(a.kernel)
     if a.quant:
         mode, _, g = a.quant.partition(":")
@@ -394,7 +421,8 @@ def main() -> None:
         if a.plain:
             r = bench_plain(name, a.prompts if name == "smollm2" else 5, max_new)
             r["fraction_of_copy_bw"] = r["weight_gb_per_s"] / res["copy_gb_per_s"]
-            res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}_{a.kernel}"] = r
+            eager = "" if a.compile_prefill else "_eagerprefill"
+            res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}_{a.kernel}{eager}"] = r
             print(json.dumps(r), flush=True)
         if a.rounds:
             for spec in a.tree or ["default"]:

@@ -261,11 +261,12 @@ def test_eagle_compiles_without_recompiles(tiny_ckpt, spec):
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
     torch._dynamo.reset()
     tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
-    gen = G.EagleGenerator(load(tiny_ckpt), random_head(args), tree, G.Sampling(), 100, True)
+    gen = G.EagleGenerator(load(tiny_ckpt), random_head(args), tree, G.Sampling(), 100, True, compile_prefill=True)
     ref = plain_greedy(tiny_ckpt, PROMPT, 20)
     assert gen.generate(PROMPT, 20, set(), True).output_ids == ref
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        assert gen.generate(PROMPT[:4], 20, set(), True).output_ids == plain_greedy(tiny_ckpt, PROMPT[:4], 20)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # new prompt lengths: target + head prefill too
+        for p in (PROMPT[:4], PROMPT * 2):
+            assert gen.generate(p, 20, set(), True).output_ids == plain_greedy(tiny_ckpt, p, 20)
 
 
 def run_cli(*argv) -> subprocess.CompletedProcess:

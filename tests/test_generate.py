@@ -1,5 +1,6 @@
 """generate.py: the plain decode loop, sampling, compile without recompiles, and one-line CLI errors."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -71,6 +72,23 @@ def test_decode_step_compiles_without_recompiles(tiny_ckpt):
     assert gen.generate(PROMPT, 10, set(), True).output_ids == ref
     with torch._dynamo.config.patch(error_on_recompile=True):  # a new prompt length, same graph
         gen.generate(PROMPT[:2], 10, set(), True)
+
+
+@torch.inference_mode()
+def test_compiled_prefill_matches_eager_without_recompiles(tiny_ckpt):
+    """compile_prefill (the default with --compile): one dynamic-shape graph per attention path (<= 64 tokens: small
+    attention, more: SDPA), the same tokens as eager prefill, no recompile for new prompt lengths."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 192)
+    gen = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 192, compile_prefill=True)
+    prompts = [[(7 * i + 3) % 250 + 1 for i in range(n)] for n in (5, 70, 9, 40, 101)]
+    for i, p in enumerate(prompts):
+        ctx = torch._dynamo.config.patch(error_on_recompile=True) if i >= 2 else contextlib.nullcontext()
+        with ctx:
+            got = gen.generate(p, 6, set(), ignore_eos=True).output_ids
+        assert got == eager.generate(p, 6, set(), ignore_eos=True).output_ids, len(p)
 
 
 def test_cli_generates_and_writes_json(tiny_ckpt, tmp_path):
