@@ -78,12 +78,21 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
 # Plain decoding.
 
 
-def prefill(model: Transformer, tokens: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
-    """tokens: [1, P] at positions 0..P-1 -> (next token [1, 1], post-norm hidden [1, P, D])."""
+def prefill(model: Transformer, tokens: Tensor, s: Sampling, head: EagleHead | None = None,
+            n: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """tokens: [1, P] at positions 0..P-1 -> (next token [1, 1], post-norm hidden [1, P, D]).
+
+    n [1]: only the first n tokens are the prompt and the rest is padding (`Prefill` pads prompts to a bucket); the
+    padding's cache slots n.. hold junk that decoding rewrites before anything attends to them. head: also fill the
+    EAGLE head's committed slots from the pairs (f_i, t_{i+1}), i < P-1 (padding again lands past the prompt).
+    """
     pos = torch.arange(tokens.size(1), device=tokens.device)
     h = model.features(tokens, pos)
-    logits = model.output(h[:, -1:])  # only the last position's logits are needed
-    return sample(logits, s), h
+    last = h[:, -1:] if n is None else h.index_select(1, n - 1)  # only the last prompt position's logits are needed
+    token = sample(model.output(last), s)
+    if head is not None and tokens.size(1) > 1:
+        head.prefill(model, tokens[:, 1:], h[:, :-1])
+    return token, h
 
 
 def decode_step(model: Transformer, token: Tensor, pos: Tensor, s: Sampling) -> Tensor:
@@ -204,6 +213,44 @@ class GraphedStep:
         return self.out
 
 
+class Prefill:
+    """The prompt's forward for one generator: prompt [1, P] -> (next token [1, 1], post-norm hidden [1, P, D]).
+
+    mode "graphs" (the default on CUDA with --compile): the eager code captured as one CUDA graph per prompt-length
+    bucket (prompts padded with zeros to a multiple of BUCKET tokens), so a prompt costs one graph launch instead of
+    ~1500 eager kernel launches (25-35 ms of host time per prompt on SmolLM2, BENCHMARKS.md) and nothing is compiled:
+    a bucket's first prompt runs it eagerly three times (two warm-ups and the capture). "compiled" (--compile-prefill):
+    torch.compile with dynamic shapes (measured: +60 s on the first call). "eager": plain calls.
+    """
+
+    BUCKET = 64
+
+    def __init__(self, model: Transformer, sampling: Sampling, max_seq_length: int, mode: str,
+                 head: EagleHead | None = None):  # fmt: skip
+        self.model, self.sampling, self.head, self.mode = model, sampling, head, mode
+        self.max_seq_length = max_seq_length
+        self.fn = torch.compile(prefill, fullgraph=True, dynamic=True) if mode == "compiled" else prefill
+        self.graphs: dict[int, GraphedStep] = {}
+
+    def __call__(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        if self.mode != "graphs":
+            return self.fn(self.model, prompt, self.sampling, self.head)
+        P = prompt.size(1)
+        B = min(round_up(P, self.BUCKET), self.max_seq_length)
+        if B not in self.graphs:
+            tokens = torch.zeros(1, B, dtype=torch.long, device=prompt.device)
+            n = torch.zeros(1, dtype=torch.long, device=prompt.device)
+            args = (self.model, tokens, self.sampling, self.head, n)
+            self.graphs[B] = GraphedStep(prefill, args, [tokens], compile=False)
+        step = self.graphs[B]
+        tokens, n = step.args[1], step.args[4]
+        tokens.zero_()
+        tokens[:, :P] = prompt
+        n.fill_(P)
+        token, h = step()
+        return token, h[:, :P]
+
+
 class StepState(torch.nn.Module):
     """Plain decoding's state between steps, in module buffers: token [1, 1] (last token, not yet in the cache) at
     RoPE position / cache slot pos [1]."""
@@ -238,12 +285,13 @@ class Generator:
     tokens_per_launch = 1  # at most this many tokens come out of one `_launch`
 
     def __init__(self, model: Transformer, sampling: Sampling, max_seq_length: int, compile: bool = False,
-                 compile_prefill: bool = False):  # fmt: skip
+                 compile_prefill: bool = False, head: EagleHead | None = None):  # fmt: skip
         self.model, self.sampling = model, sampling
         self.device = model.norm.weight.device
         model.setup_caches(1, max_seq_length)
         self.max_seq_length = max_seq_length
-        self.prefill = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
+        mode = "compiled" if compile_prefill else "graphs" if graphs_wanted(self.device, compile) else "eager"
+        self.prefill = Prefill(model, sampling, max_seq_length, mode, head)
         if type(self) is Generator:
             self.state = StepState(self.device)
             if graphs_wanted(self.device, compile):
@@ -253,7 +301,7 @@ class Generator:
                 self.step = lambda: step(self.model, self.state, self.sampling)
 
     def _start(self, prompt: Tensor) -> Tensor:
-        token, _ = self.prefill(self.model, prompt, self.sampling)  # [1, 1]
+        token, _ = self.prefill(prompt)  # [1, 1]
         self.state.token.copy_(token)
         self.state.pos.fill_(prompt.size(1))
         return token
@@ -352,14 +400,6 @@ def eagle_round(head: EagleHead, target: Transformer, tree: Tree | DynamicTree, 
     return eagle_verify(target, tree, st, s)
 
 
-def eagle_prefill(model: Transformer, head: EagleHead, tokens: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
-    """The target's prefill, then the head's committed slots from the pairs (f_i, t_{i+1}), i < P-1."""
-    root, h = prefill(model, tokens, s)  # [1, 1], [1, P, D]
-    if tokens.size(1) > 1:
-        head.prefill(model, tokens[:, 1:], h[:, :-1])
-    return root, h
-
-
 class EagleGenerator(Generator):
     """EAGLE speculative decoding: per round, draft a tree (compiled), verify it with one target forward (compiled),
     keep the longest accepted path. Lossless: see tree.verify."""
@@ -368,11 +408,8 @@ class EagleGenerator(Generator):
                  compile: bool = False, compile_prefill: bool = False, split_timing: bool = False):  # fmt: skip
         R, N = tree.D + 1, tree.N
         # A launched-ahead round may start up to R tokens past the budget and writes N slots from there.
-        super().__init__(model, sampling, round_up(need + 2 * R + N, 64), compile, compile_prefill)
+        super().__init__(model, sampling, round_up(need + 2 * R + N, 64), compile, compile_prefill, head)
         self.head, self.tokens_per_launch = head, R
-        self.eagle_prefill = (
-            torch.compile(eagle_prefill, fullgraph=True, dynamic=True) if compile_prefill else eagle_prefill
-        )
         self.state = EagleState(R, N, model.args.dim, self.device, model.norm.weight.dtype)
         if isinstance(tree, DynamicTree):
             self.tree = tree
@@ -398,7 +435,7 @@ class EagleGenerator(Generator):
             self.round = lambda: compiled(*round_args)
 
     def _start(self, prompt: Tensor) -> Tensor:
-        root, h = self.eagle_prefill(self.model, self.head, prompt, self.sampling)  # [1, 1], [1, P, D]
+        root, h = self.prefill(prompt)  # [1, 1], [1, P, D]; the head's committed slots filled too
         st, R = self.state, self.tree.D + 1
         st.L.fill_(prompt.size(1))
         st.n.fill_(1)
@@ -575,10 +612,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--compile-prefill",
         "--compile_prefill",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also compile prefill, once for all prompt lengths (dynamic shapes; default: on with --compile). Eager "
-        "prefill costs ~25 ms of host time per prompt on SmolLM2 (BENCHMARKS.md), a tenth of a 256-token answer",
+        action="store_true",
+        help="compile prefill with dynamic shapes instead of the default on CUDA with --compile (eager code captured\n"
+        "as one CUDA graph per 64-token prompt bucket); measured on SmolLM2: as fast, but +60 s on the first call",
     )
     p.add_argument(
         "--kernels",
@@ -731,9 +767,8 @@ def run(a: argparse.Namespace) -> None:
 
 
 def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
-    compile_prefill = a.compile_prefill if a.compile_prefill is not None else use_compile
     if a.eagle is None:
-        return Generator(model, sampling, round_up(need, 64), use_compile, compile_prefill)
+        return Generator(model, sampling, round_up(need, 64), use_compile, a.compile_prefill)
     try:
         tree = (
             auto_tree(model) if a.tree == "auto" else parse_dynamic_spec(a.tree) or build_tree(parse_tree_spec(a.tree))
@@ -745,7 +780,7 @@ def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
     if model.norm.weight.device.type == "cuda":
         use_kernels(a.kernels, head)
     log(f"EAGLE head {head_dir}, tree of {tree.N} tokens, depth {tree.D}")
-    return EagleGenerator(model, head, tree, sampling, need, use_compile, compile_prefill, a.eagle_timing)
+    return EagleGenerator(model, head, tree, sampling, need, use_compile, a.compile_prefill, a.eagle_timing)
 
 
 AUTO_SIZES = (40, 48, 50, 56, 60)  # EAGLE-2's total_token=-1: candidate tree sizes ...

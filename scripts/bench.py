@@ -54,7 +54,7 @@ def copy_bandwidth(gib: float = 2.0) -> float:
 
 
 QUANT: dict | None = None  # --quant: {"mode": "int8"} or {"mode": "int4", "groupsize": 64}
-COMPILE_PREFILL = True  # --no-compile-prefill: eager prefill, as generate.py --no-compile-prefill
+COMPILE_PREFILL = False  # --compile-prefill, as in generate.py (default: eager prefill in a CUDA graph per bucket)
 KERNEL = "auto"  # --kernel: "triton" also sends bf16 linears through kernels.py; "torch" = cuBLAS / tinygemm / Inductor
 
 
@@ -100,9 +100,10 @@ def mt_bench_prompts(tok, n: int) -> list[list[int]]:
 
 
 def warm_prefill(gen: G.Generator, prompts: list[list[int]]) -> None:
-    """Compile the prefill graphs before timing: the compiled prefill has one dynamic-shape graph for prompts of up to
-    model.SMALL_S tokens and one for longer ones; the first prompt compiled one of them."""
-    for p in {len(p) > M.SMALL_S: p for p in prompts}.values():
+    """Prefill's one-time costs before timing: one prompt per 64-token bucket (a CUDA graph each, captured on first
+    use: ~3 eager prefills) and per attention path (--compile-prefill: one dynamic-shape graph for prompts of up to
+    model.SMALL_S tokens, one for longer ones)."""
+    for p in {(G.round_up(len(p), G.Prefill.BUCKET), len(p) > M.SMALL_S): p for p in prompts}.values():
         gen.generate(p, 4, set(), ignore_eos=True)
 
 
@@ -392,9 +393,8 @@ def main() -> None:
     p.add_argument("--linears", action="store_true", help="micro-benchmark every linear shape per kernel")
     p.add_argument(
         "--compile-prefill",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="compiled prefill (dynamic shapes), the generate.py default on CUDA",
+        action="store_true",
+        help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
     )
     a = p.parse_args()
     global PROFILE_DIR, QUANT, KERNEL, COMPILE_PREFILL
@@ -421,8 +421,8 @@ def main() -> None:
         if a.plain:
             r = bench_plain(name, a.prompts if name == "smollm2" else 5, max_new)
             r["fraction_of_copy_bw"] = r["weight_gb_per_s"] / res["copy_gb_per_s"]
-            eager = "" if a.compile_prefill else "_eagerprefill"
-            res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}_{a.kernel}{eager}"] = r
+            pre = "_compiledprefill" if a.compile_prefill else ""
+            res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}_{a.kernel}{pre}"] = r
             print(json.dumps(r), flush=True)
         if a.rounds:
             for spec in a.tree or ["default"]:

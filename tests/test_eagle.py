@@ -292,6 +292,31 @@ def test_cli_rejects_bad_tree_and_head(tiny_ckpt, tmp_path):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("spec", ["default", "eagle2:K=3,D=3,N=10"])
+def test_bucketed_prefill_drafts_as_eager_prefill(tiny_ckpt, spec):
+    """The CUDA-graph prefill pads the prompt to a 64-token bucket: the padding's junk in the target's and the head's
+    cache slots past the prompt must never be seen. So every round drafts the same tree as after an unpadded prefill
+    (on the CPU the same padded code runs, without the graph), and the output stays the plain greedy one."""
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    head = random_head(args)
+    gens, drafts = [], []
+    for mode in ("eager", "graphs"):
+        gen = G.EagleGenerator(load(tiny_ckpt), head, tree, G.Sampling(), 200)
+        gen.prefill = G.Prefill(gen.model, gen.sampling, gen.max_seq_length, mode, head)
+        log, launch = [], gen.round
+        gen.round = lambda launch=launch, gen=gen, log=log: (launch(), log.append(gen.state.node_tokens.clone()))[0]
+        gens.append(gen)
+        drafts.append(log)
+    for prompt in (PROMPT, [7], [(5 * i) % 200 + 1 for i in range(70)]):
+        outs = [g.generate(prompt, 40, set(), True).output_ids for g in gens]
+        assert outs[0] == outs[1] == plain_greedy(tiny_ckpt, prompt, 40), len(prompt)
+        assert len(drafts[0]) == len(drafts[1]) > 5
+        assert all(torch.equal(a, b) for a, b in zip(*drafts, strict=True)), len(prompt)
+        drafts[0].clear(), drafts[1].clear()
+
+
+@torch.inference_mode()
 def test_split_timing_rounds_equal_one_graph_rounds(tiny_ckpt):
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
     tree = T.build_tree(T.EAGLE1_TREE)

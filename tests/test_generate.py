@@ -75,20 +75,25 @@ def test_decode_step_compiles_without_recompiles(tiny_ckpt):
 
 
 @torch.inference_mode()
-def test_compiled_prefill_matches_eager_without_recompiles(tiny_ckpt):
-    """compile_prefill (the default with --compile): one dynamic-shape graph per attention path (<= 64 tokens: small
-    attention, more: SDPA), the same tokens as eager prefill, no recompile for new prompt lengths."""
+def test_bucketed_and_compiled_prefill_match_eager(tiny_ckpt):
+    """Prefill modes: "graphs" (prompt padded to a 64-token bucket; on the CPU the same code without the graph) and
+    "compiled" (one dynamic-shape graph per attention path, <= 64 tokens: small attention, more: SDPA, no recompile
+    for new prompt lengths) give the eager prefill's tokens."""
     import torch._dynamo
 
     torch._dynamo.reset()
     eager = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 192)
-    gen = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 192, compile_prefill=True)
-    prompts = [[(7 * i + 3) % 250 + 1 for i in range(n)] for n in (5, 70, 9, 40, 101)]
+    compiled = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 192, compile_prefill=True)
+    graphs = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 192)
+    graphs.prefill = G.Prefill(graphs.model, graphs.sampling, 192, "graphs")
+    prompts = [[(7 * i + 3) % 250 + 1 for i in range(n)] for n in (5, 70, 9, 40, 101, 1, 180)]
     for i, p in enumerate(prompts):
-        ctx = torch._dynamo.config.patch(error_on_recompile=True) if i >= 2 else contextlib.nullcontext()
+        ref = eager.generate(p, 6, set(), ignore_eos=True).output_ids
+        ctx = torch._dynamo.config.patch(error_on_recompile=True) if 2 <= i < 5 else contextlib.nullcontext()
         with ctx:
-            got = gen.generate(p, 6, set(), ignore_eos=True).output_ids
-        assert got == eager.generate(p, 6, set(), ignore_eos=True).output_ids, len(p)
+            assert compiled.generate(p, 6, set(), ignore_eos=True).output_ids == ref, len(p)
+        assert graphs.generate(p, 6, set(), ignore_eos=True).output_ids == ref, len(p)
+    assert sorted(graphs.prefill.graphs) == [64, 128, 192]  # buckets, the last one cut to the cache
 
 
 def test_cli_generates_and_writes_json(tiny_ckpt, tmp_path):
