@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from draft import EagleHead, save_head  # noqa: E402
+from draft import EagleHead, HeadError, load_head, save_head  # noqa: E402
 from model import Attention, Block, CheckpointError, ModelArgs, Transformer, apply_rope, load_model, rope_table  # noqa: E402
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer  # noqa: E402
 
@@ -333,7 +333,13 @@ def round_up(n: int, m: int) -> int:
 
 
 def new_head(target: Transformer, init: str) -> EagleHead:
-    """A fresh head shaped like one layer of the target; init "last-layer" copies the target's last layer."""
+    """A fresh head shaped like one layer of the target; init "last-layer" copies the target's last layer, and any
+    other init names a saved head to train further (in float32)."""
+    if init not in ("random", "last-layer"):
+        try:
+            return load_head(init, target.args, dtype=torch.float32).requires_grad_(True)
+        except HeadError as e:
+            raise UserError(f"--init: {e}") from None
     head = EagleHead(ModelArgs(**{**target.args.to_dict(), "n_layers": 1}), fc_bias=True)
     if init == "last-layer":
         sd = {k: v.float() for k, v in target.layers[-1].state_dict().items() if not k.startswith("attention_norm")}
@@ -471,9 +477,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noise", type=float, default=0.1, help="uniform noise half-width on input features (0.1)")
     p.add_argument("--ttt-steps", type=int, default=2, help="extra unrolled steps trained (training-time test; 2)")
     p.add_argument("--eval-steps", type=int, default=5, help="chain length of the held-out tau estimate (5)")
-    p.add_argument("--init", choices=["random", "last-layer"], default="random",
-                   help="head layer: random (default), or a copy of the target's last layer (slower start: its\n"
-                        "output has the residual stream's scale, not the normed feature's)")  # fmt: skip
+    p.add_argument("--init", default="random",
+                   help="head layer: random (default), last-layer = a copy of the target's last layer (slower start:\n"
+                        "its output has the residual stream's scale, not the normed feature's), or a head folder to\n"
+                        "train further (e.g. heads/SmolLM2-135M-Instruct with new data and a lower --lr)")  # fmt: skip
     p.add_argument("--holdout", type=float, default=0.05, help="held-out share of the conversations (0.05)")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop (evaluate, save) after this many minutes; the lr decay then also follows the clock,\n"

@@ -209,6 +209,10 @@ def test_short_training_run_lowers_loss_and_saves_a_loadable_head(ckpt, dataset,
     head = Dr.load_head(out, M.load_model(ckpt).args)
     assert json.loads((out / "config.json").read_text())["training"]["epochs_done"] == 3
     assert head.args.n_layers == 1 and not head.fc.weight.requires_grad
+    more = TE.main(["--checkpoint", str(ckpt), "--data", str(data_file), "--out", str(tmp_path / "more"), "--epochs",
+                    "1", "--lr", "1e-3", "--warmup", "2", "--batch-tokens", "256", "--ttt-steps", "1", "--holdout",
+                    "0.2", "--eval-steps", "3", "--device", "cpu", "--init", str(out)])  # fmt: skip
+    assert more["history"][0]["heldout"]["loss"] == pytest.approx(hist[-1]["heldout"]["loss"], rel=1e-4)  # resumed
 
 
 def test_cli_errors(ckpt, tmp_path, capsys):
