@@ -100,20 +100,27 @@ if triton is not None:
 
     _TUNE = {"prune_configs_by": {"early_config_prune": _prune}, "do_bench": _fast_bench}
 
-    @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP"], **_TUNE)
+    @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL"], **_TUNE)
     @triton.jit
     def _gemv_kernel(
         x_ptr,  # [K]
         w_ptr,  # [N, K] (quant 0, 1) or [N, K/2] uint8 (quant 2)
         s_ptr,  # [N] int8 scales, or [N, K/G, 2] int4 (scale, zero); unused for quant 0
         y_ptr,  # [N]
+        g_ptr,  # [K] RMSNorm weight (NORM)
+        r_ptr,  # [N] residual (RESIDUAL)
         N,
         K,
+        eps,
         QUANT: tl.constexpr,
         GROUP: tl.constexpr,
+        NORM: tl.constexpr,  # y = W (g * x * rsqrt(mean(x^2) + eps)): the RMSNorm before the matmul, fused
+        RESIDUAL: tl.constexpr,  # y += r: the residual add after it
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
+        """Every program reads all of x anyway, so the norm costs it a sum of squares and a multiply by g per
+        chunk, and one scale at the end (the rsqrt is the same for every output row)."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         if QUANT == 2:  # chunks of [BLOCK_N rows, NG groups, HG bytes] (see _int4_chunk)
@@ -121,26 +128,42 @@ if triton is not None:
             HG: tl.constexpr = GROUP // 2
             rg, rj = tl.arange(0, NG), tl.arange(0, HG)
             acc = tl.zeros((BLOCK_N, NG, HG), dtype=tl.float32)
+            ss = tl.zeros((NG, HG), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
-                xp = x_ptr + k0 + 2 * (rg[:, None] * HG + rj[None, :])
-                xe = tl.load(xp).to(tl.float32)[None, :, :]
-                xo = tl.load(xp + 1).to(tl.float32)[None, :, :]
-                acc += we * xe + wo * xo
+                off = k0 + 2 * (rg[:, None] * HG + rj[None, :])
+                xe = tl.load(x_ptr + off).to(tl.float32)
+                xo = tl.load(x_ptr + off + 1).to(tl.float32)
+                if NORM:
+                    ss += xe * xe + xo * xo
+                    xe = xe * tl.load(g_ptr + off).to(tl.float32)
+                    xo = xo * tl.load(g_ptr + off + 1).to(tl.float32)
+                acc += we * xe[None, :, :] + wo * xo[None, :, :]
             acc = tl.sum(acc, axis=2)
+            sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
         else:
             rk = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=n_ok[:, None], other=0)
                 if QUANT == 1:
                     w = _as_float(w.to(tl.int32), 128, 0)
                 else:
                     w = w.to(tl.float32)
-                acc += w * tl.load(x_ptr + k0 + rk).to(tl.float32)[None, :]
+                xk = tl.load(x_ptr + k0 + rk).to(tl.float32)
+                if NORM:
+                    ss += xk * xk
+                    xk = xk * tl.load(g_ptr + k0 + rk).to(tl.float32)
+                acc += w * xk[None, :]
+            sum_sq = tl.sum(ss, axis=0)
         y = tl.sum(acc, axis=1)
         if QUANT == 1:
             y = y * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if NORM:
+            y = y * tl.rsqrt(sum_sq / K + eps)
+        if RESIDUAL:
+            y += tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M"], **_TUNE)
@@ -208,14 +231,25 @@ def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int) -> tu
 
 
 @torch.library.custom_op("llmgen::wmm", mutates_args=())
-def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int) -> Tensor:
-    """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring."""
+def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tensor | None = None, eps: float = 0.0,
+        residual: Tensor | None = None) -> Tensor:  # fmt: skip
+    """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring.
+
+    One token (M = 1) only: g [K] applies RMSNorm (weight g, epsilon eps) to x first, and residual [1, N] is added to
+    the result, both inside the kernel: residual + W @ rmsnorm(x)."""
     m, n, k = _check(x, w, s, quant, group)
+    if (g is not None or residual is not None) and m != 1:
+        raise ValueError(f"the fused norm / residual add takes one token, got {m}")
+    if g is not None and g.shape != (k,) or residual is not None and residual.shape != (1, n):
+        shapes = [None if t is None else tuple(t.shape) for t in (g, residual)]
+        raise ValueError(f"norm weight / residual of shapes {shapes} for N={n}, K={k}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    s = s if s is not None else w  # a placeholder pointer the kernel never reads
+    s = s if s is not None else w  # placeholder pointers the kernel never reads
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:
-        _gemv_kernel[grid](x, w, s, y, n, k, QUANT=quant, GROUP=group)
+        norm, res = g is not None, residual is not None
+        g, r = g if norm else x, residual if res else x
+        _gemv_kernel[grid](x, w, s, y, g, r, n, k, eps, QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=res)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         _gemm_kernel[grid](x, w, s, y, m, n, k, QUANT=quant, GROUP=group, BLOCK_M=block_m)
@@ -223,8 +257,23 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int) -> Tenso
 
 
 @wmm.register_fake
-def _(x, w, s, quant, group):
+def _(x, w, s, quant, group, g=None, eps=0.0, residual=None):
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None,
+              n: int) -> Tensor | None:  # fmt: skip
+    """residual + W @ norm(x) as one `wmm` for a one-token x [..., K] on CUDA, or None where that does not apply
+    (several tokens, CPU, dtypes that differ) and the caller runs the steps apart. norm: a model.RMSNorm or None."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] != 1 or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
+        return None
+    g = None if norm is None else norm.weight
+    if g is not None and g.dtype != x2.dtype or residual is not None and residual.dtype != x2.dtype:
+        return None
+    r = None if residual is None else residual.reshape(1, n)
+    y = wmm(x2.contiguous(), w, s, quant, group, g, norm.eps if norm is not None else 0.0, r)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def int4_layout(scales_and_zeros: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -245,11 +294,12 @@ class FewTokenLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] == 1 and available(x2) and x2.dtype == self.weight.dtype:
-            return wmm(x2.contiguous(), self.weight, None, NONE, 0).reshape(*lead, self.out_features)
-        return torch.nn.functional.linear(x, self.weight)
+        y = fused_wmm(x, self.weight, None, NONE, 0, None, None, self.out_features)
+        return y if y is not None else torch.nn.functional.linear(x, self.weight)
+
+    def fused(self, x: Tensor, norm, residual: Tensor | None) -> Tensor | None:
+        """residual + self(norm(x)) in one kernel for one token on CUDA, else None (see model.linear)."""
+        return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features)
 
 
 def use_triton_linears(model: torch.nn.Module) -> int:

@@ -129,6 +129,20 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def linear(mod: nn.Module, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
+    """residual + mod(norm(x)), with norm and residual optional. Linear modules that can do all of it in one kernel
+    (kernels.FewTokenLinear and the int8 module, for one token on CUDA) have a `fused` method, which returns None
+    where it does not apply; on that path the norm runs in float32 throughout, on the plain path (the reference, and
+    the CPU's) it rounds as RMSNorm.forward does."""
+    fused = getattr(mod, "fused", None)
+    if fused is not None and (norm is None or isinstance(norm, RMSNorm)):
+        y = fused(x, norm, residual)
+        if y is not None:
+            return y
+    y = mod(norm(x) if norm is not None else x)
+    return y if residual is None else residual + y
+
+
 def rope_inv_freq(args: ModelArgs) -> Tensor:
     """Inverse frequencies [hd/2], with Llama-3.1 scaling when configured (same as HF's 'llama3' rope)."""
     hd = args.head_dim
@@ -172,10 +186,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, cache_pos: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache_pos: Tensor, mask: Tensor, norm: nn.Module | None = None,
+                residual: Tensor | None = None) -> Tensor:  # fmt: skip
+        """residual + attention(norm(x)) (see `linear`); x: [B, S, dim]."""
         B, S, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q, k, v = linear(self.wqkv, x, norm).split([H * hd, KV * hd, KV * hd], dim=-1)
         q = q.view(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
         k = k.view(B, S, KV, hd).transpose(1, 2)  # [B, KV, S, hd]
         v = v.view(B, S, KV, hd).transpose(1, 2)
@@ -186,7 +202,7 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)  # [B, H, S, hd]
         else:  # decode and tree verification: plain matmuls that torch.compile fuses, K/V never copied per head
             y = small_attention(q, k, v, mask)
-        return self.wo(y.transpose(1, 2).reshape(B, S, H * hd))
+        return linear(self.wo, y.transpose(1, 2).reshape(B, S, H * hd), residual=residual)
 
 
 SMALL_S = 64  # forwards of at most this many tokens use `small_attention`
@@ -219,9 +235,10 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
+        """residual + feed_forward(norm(x)) (see `linear`)."""
+        gate, up = linear(self.w13, x, norm).chunk(2, dim=-1)
+        return linear(self.w2, F.silu(gate) * up, residual=residual)
 
 
 class Block(nn.Module):
@@ -233,8 +250,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x: Tensor, rope: Tensor, cache_pos: Tensor, mask: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, cache_pos, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = self.attention(x, rope, cache_pos, mask, norm=self.attention_norm, residual=x)  # x + attn(norm(x))
+        return self.feed_forward(h, norm=self.ffn_norm, residual=h)  # h + ffn(norm(h))
 
 
 class Transformer(nn.Module):

@@ -58,10 +58,16 @@ COMPILE_PREFILL = False  # --compile-prefill, as in generate.py (default: eager 
 KERNEL = "auto"  # --kernel: "triton" also sends bf16 linears through kernels.py; "torch" = cuBLAS / tinygemm / Inductor
 
 
+FUSED = True  # --no-fused: keep RMSNorm and the residual add out of the one-token matmul kernels (A/B runs)
+
+
 def apply_kernel_choice(*modules: torch.nn.Module):
     """--kernel for bf16 linears, as generate.py --kernels does (quantized ones follow quantize.RUNTIME)."""
     if not QUANT:
         print(f"--kernel {KERNEL}: {G.use_kernels(KERNEL, *modules)} linears on kernels.py", flush=True)
+    if not FUSED:
+        for mod in (m for module in modules for m in module.modules() if hasattr(m, "fused")):
+            mod.fused = lambda *args: None  # model.linear then runs norm, matmul and add apart
     return modules[0]
 
 
@@ -392,14 +398,20 @@ def main() -> None:
     )
     p.add_argument("--linears", action="store_true", help="micro-benchmark every linear shape per kernel")
     p.add_argument(
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="RMSNorm and residual add inside the one-token Triton matmuls (model.linear); --no-fused for A/B runs",
+    )
+    p.add_argument(
         "--compile-prefill",
         action="store_true",
         help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
     )
     a = p.parse_args()
-    global PROFILE_DIR, QUANT, KERNEL, COMPILE_PREFILL
+    global PROFILE_DIR, QUANT, KERNEL, COMPILE_PREFILL, FUSED
     PROFILE_DIR = Path(a.profile) if a.profile else None
-    KERNEL, COMPILE_PREFILL = a.kernel, a.compile_prefill
+    KERNEL, COMPILE_PREFILL, FUSED = a.kernel, a.compile_prefill, a.fused
     G.set_kernels(a.kernel)
     if a.quant:
         mode, _, g = a.quant.partition(":")
@@ -421,7 +433,7 @@ def main() -> None:
         if a.plain:
             r = bench_plain(name, a.prompts if name == "smollm2" else 5, max_new)
             r["fraction_of_copy_bw"] = r["weight_gb_per_s"] / res["copy_gb_per_s"]
-            pre = "_compiledprefill" if a.compile_prefill else ""
+            pre = ("_compiledprefill" if a.compile_prefill else "") + ("" if a.fused else "_unfused")
             res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}_{a.kernel}{pre}"] = r
             print(json.dumps(r), flush=True)
         if a.rounds:
