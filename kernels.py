@@ -261,12 +261,21 @@ def _(x, w, s, quant, group, g=None, eps=0.0, residual=None):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+# The fused norm / residual add is used for K >= FUSE_MIN_K only. Measured on an H200 (BENCHMARKS.md): +2.7% tok/s on
+# the Llama-2-7B shape (K = 4096, 11008), -1.3% on SmolLM2 (K = 576, 1536), where each program's extra sum of squares
+# and norm-weight loads cost more than the separate norm kernel they replace.
+FUSE_MIN_K = 2048
+
+
 def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None,
               n: int) -> Tensor | None:  # fmt: skip
     """residual + W @ norm(x) as one `wmm` for a one-token x [..., K] on CUDA, or None where that does not apply
-    (several tokens, CPU, dtypes that differ) and the caller runs the steps apart. norm: a model.RMSNorm or None."""
+    (several tokens, CPU, dtypes that differ, K < FUSE_MIN_K with a norm or residual) and the caller runs the steps
+    apart. norm: a model.RMSNorm or None."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] != 1 or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
+        return None
+    if (norm is not None or residual is not None) and x2.shape[1] < FUSE_MIN_K:
         return None
     g = None if norm is None else norm.weight
     if g is not None and g.dtype != x2.dtype or residual is not None and residual.dtype != x2.dtype:

@@ -168,6 +168,8 @@ def check_fused():
     refs = {id(m): M.linear(m, x, norm, r) for m in (few, i8)}  # plain path: fused() is None off CUDA
     assert few.fused(x, norm, r) is None
     real, K.available = K.available, lambda x: True
+    assert few.fused(x, norm, r) is None and few.fused(x, None, None) is not None  # K = 128 < FUSE_MIN_K
+    min_k, K.FUSE_MIN_K = K.FUSE_MIN_K, 0
     try:
         for m in (few, i8):
             assert m.fused(x, norm, r) is not None
@@ -197,7 +199,7 @@ def check_fused():
             outs.append(torch.stack(steps))
         assert rel_err(outs[1], outs[0]) < 1e-5, rel_err(outs[1], outs[0])
     finally:
-        K.available = real
+        K.available, K.FUSE_MIN_K = real, min_k
     print("fused ok")
 
 
