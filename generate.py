@@ -177,9 +177,9 @@ class GraphedStep:
     rewritten by each replay (read it, or queue a copy of it, before the next one).
     """
 
-    def __init__(self, fn, args: tuple, state: list[Tensor], compile: bool = True, pool=None):
+    def __init__(self, fn, args: tuple, state: list[Tensor], compile: bool = True):
         self.fn = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
-        self.args, self.state, self.pool = args, state, pool
+        self.args, self.state = args, state
         self.cuda = state[0].is_cuda
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
@@ -207,7 +207,7 @@ class GraphedStep:
             return self.fn(*self.args)
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.pool):
+            with torch.cuda.graph(self.graph):
                 self.out = self.fn(*self.args)
         self.graph.replay()
         return self.out
@@ -219,10 +219,8 @@ class Prefill:
     mode "graphs" (the default on CUDA with --compile): the eager code captured as one CUDA graph per prompt-length
     bucket (prompts padded with zeros to a multiple of BUCKET tokens), so a prompt costs one graph launch instead of
     ~1500 eager kernel launches (25-35 ms of host time per prompt on SmolLM2, BENCHMARKS.md) and nothing is compiled:
-    a bucket's first prompt runs it eagerly three times (two warm-ups and the capture). The buckets' graphs share one
-    memory pool (their outputs are used before the next prefill, so one graph may overwrite another's), so long
-    prompts of many lengths do not keep one activation pool per bucket. "compiled" (--compile-prefill): torch.compile
-    with dynamic shapes (measured: +60 s on the first call). "eager": plain calls.
+    a bucket's first prompt runs it eagerly three times (two warm-ups and the capture). "compiled" (--compile-prefill):
+    torch.compile with dynamic shapes (measured: +60 s on the first call). "eager": plain calls.
     """
 
     BUCKET = 64
@@ -233,7 +231,6 @@ class Prefill:
         self.max_seq_length = max_seq_length
         self.fn = torch.compile(prefill, fullgraph=True, dynamic=True) if mode == "compiled" else prefill
         self.graphs: dict[int, GraphedStep] = {}
-        self.pool = None  # one CUDA graph memory pool for all buckets, made with the first graph
 
     def __call__(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
         if self.mode != "graphs":
@@ -244,9 +241,7 @@ class Prefill:
             tokens = torch.zeros(1, B, dtype=torch.long, device=prompt.device)
             n = torch.zeros(1, dtype=torch.long, device=prompt.device)
             args = (self.model, tokens, self.sampling, self.head, n)
-            if self.pool is None and prompt.is_cuda:
-                self.pool = torch.cuda.graph_pool_handle()
-            self.graphs[B] = GraphedStep(prefill, args, [tokens], compile=False, pool=self.pool)
+            self.graphs[B] = GraphedStep(prefill, args, [tokens], compile=False)
         step = self.graphs[B]
         tokens, n = step.args[1], step.args[4]
         tokens.zero_()
