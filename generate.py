@@ -219,11 +219,14 @@ class Prefill:
     mode "graphs" (the default on CUDA with --compile): the eager code captured as one CUDA graph per prompt-length
     bucket (prompts padded with zeros to a multiple of BUCKET tokens), so a prompt costs one graph launch instead of
     ~1500 eager kernel launches (25-35 ms of host time per prompt on SmolLM2, BENCHMARKS.md) and nothing is compiled:
-    a bucket's first prompt runs it eagerly three times (two warm-ups and the capture). "compiled" (--compile-prefill):
+    a bucket's first prompt runs it eagerly three times (two warm-ups and the capture). Each bucket's graph keeps its
+    own activation memory, so only prompts of up to MAX_GRAPHED tokens are graphed (at most 8 graphs); longer ones
+    run eagerly, where the GPU time of the forward hides more of the launch cost. "compiled" (--compile-prefill):
     torch.compile with dynamic shapes (measured: +60 s on the first call). "eager": plain calls.
     """
 
     BUCKET = 64
+    MAX_GRAPHED = 512
 
     def __init__(self, model: Transformer, sampling: Sampling, max_seq_length: int, mode: str,
                  head: EagleHead | None = None):  # fmt: skip
@@ -233,10 +236,10 @@ class Prefill:
         self.graphs: dict[int, GraphedStep] = {}
 
     def __call__(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
-        if self.mode != "graphs":
-            return self.fn(self.model, prompt, self.sampling, self.head)
         P = prompt.size(1)
-        B = min(round_up(P, self.BUCKET), self.max_seq_length)
+        if self.mode != "graphs" or P > self.MAX_GRAPHED:
+            return self.fn(self.model, prompt, self.sampling, self.head)
+        B = min(round_up(P, self.BUCKET), self.MAX_GRAPHED, self.max_seq_length)
         if B not in self.graphs:
             tokens = torch.zeros(1, B, dtype=torch.long, device=prompt.device)
             n = torch.zeros(1, dtype=torch.long, device=prompt.device)

@@ -86,14 +86,15 @@ def test_bucketed_and_compiled_prefill_match_eager(tiny_ckpt):
     compiled = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 192, compile_prefill=True)
     graphs = G.Generator(M.load_model(tiny_ckpt), G.Sampling(), 192)
     graphs.prefill = G.Prefill(graphs.model, graphs.sampling, 192, "graphs")
-    prompts = [[(7 * i + 3) % 250 + 1 for i in range(n)] for n in (5, 70, 9, 40, 101, 1, 180)]
+    graphs.prefill.MAX_GRAPHED = 150  # the 180-token prompt runs eagerly
+    prompts = [[(7 * i + 3) % 250 + 1 for i in range(n)] for n in (5, 70, 9, 40, 101, 1, 140, 180)]
     for i, p in enumerate(prompts):
         ref = eager.generate(p, 6, set(), ignore_eos=True).output_ids
         ctx = torch._dynamo.config.patch(error_on_recompile=True) if 2 <= i < 5 else contextlib.nullcontext()
         with ctx:
             assert compiled.generate(p, 6, set(), ignore_eos=True).output_ids == ref, len(p)
         assert graphs.generate(p, 6, set(), ignore_eos=True).output_ids == ref, len(p)
-    assert sorted(graphs.prefill.graphs) == [64, 128, 192]  # buckets, the last one cut to the cache
+    assert sorted(graphs.prefill.graphs) == [64, 128, 150]  # buckets, the last one cut to MAX_GRAPHED
 
 
 def test_cli_generates_and_writes_json(tiny_ckpt, tmp_path):
