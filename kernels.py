@@ -16,7 +16,9 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   one integer add and one float subtract replace a conversion instruction (which runs at 1/8 rate on Hopper).
 
 Both kernels are autotuned per (N, K, quant[, BLOCK_M]) over a few block shapes on first use, and wrapped as the
-custom op `llmgen::wmm`, so torch.compile treats a call as one opaque kernel and CUDA graphs capture it.
+custom op `llmgen::wmm`, so torch.compile treats a call as one opaque kernel and CUDA graphs capture it. For one
+token the GEMV can also apply the RMSNorm that precedes the matmul and add the residual that follows it
+(`fused_wmm`, used through model.linear), two fewer launches per layer.
 The tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
