@@ -617,15 +617,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compile_prefill",
         action="store_true",
         help="compile prefill with dynamic shapes instead of the default on CUDA with --compile (eager code captured\n"
-        "as one CUDA graph per 64-token prompt bucket); measured on SmolLM2: as fast, but +60 s on the first call",
+        "as one CUDA graph per 64-token prompt bucket, prompts of up to 512 tokens); measured on SmolLM2 (H200):\n"
+        "23 ms instead of 5 ms per prompt, and 60-110 s more on the first call",
     )
     p.add_argument(
         "--kernels",
         default="auto",
         choices=KERNEL_CHOICES,
         help="matmul kernels on CUDA: 'auto' (default) = kernels.py's Triton GEMV for one-token bf16/fp16 steps "
-        "and its int8 kernels (up to 64 tokens), tinygemm for int4; 'triton' = kernels.py also for int4; 'torch' = "
-        "cuBLAS, Inductor (int8) and tinygemm only. Triton kernels need the triton package (CUDA torch has it)",
+        "(with the RMSNorm and residual add fused in for inputs of >= 2048 features) and its int8 kernels (up to 64 "
+        "tokens), tinygemm for int4; 'triton' = kernels.py also for int4; 'torch' = cuBLAS, Inductor (int8) and "
+        "tinygemm only. Triton kernels need the triton package (CUDA torch has it)",
     )
     p.add_argument(
         "--num-samples",
