@@ -231,3 +231,13 @@ def test_cli_errors(ckpt, tmp_path, capsys):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_eagle.py"), "--checkpoint", str(ckpt), "--out",
                         str(tmp_path / "h")], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and r.stderr.startswith("error: give training data")
+
+
+def test_init_from_a_missing_head_is_a_one_line_error(ckpt, dataset, tmp_path, capsys):
+    data_file, _ = dataset
+    with pytest.raises(SystemExit) as e:
+        TE.main(["--checkpoint", str(ckpt), "--data", str(data_file), "--out", str(tmp_path / "h"), "--device", "cpu",
+                 "--max-len", "256",
+                 "--init", str(tmp_path / "nohead")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --init: no EAGLE head"), err
