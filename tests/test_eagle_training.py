@@ -237,7 +237,6 @@ def test_init_from_a_missing_head_is_a_one_line_error(ckpt, dataset, tmp_path, c
     data_file, _ = dataset
     with pytest.raises(SystemExit) as e:
         TE.main(["--checkpoint", str(ckpt), "--data", str(data_file), "--out", str(tmp_path / "h"), "--device", "cpu",
-                 "--max-len", "256",
-                 "--init", str(tmp_path / "nohead")])  # fmt: skip
+                 "--max-len", "256", "--init", str(tmp_path / "nohead")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --init: no EAGLE head"), err
