@@ -68,7 +68,7 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
     committed = torch.arange(head.committed_slots, device=tokens.device) < L  # [committed slots]
     # 1) Catch-up: the root's predicted feature, and its top-K children.
     prev_feats, root = catch_up(head, target, L, tokens, feats, n)
-    prev_ids = torch.topk(target.output(prev_feats), tree.K, dim=-1).indices.flatten()  # [K]
+    prev_ids = top_k(target.output(prev_feats), tree.K)[1].flatten()  # [K]
 
     # 2) Expansion: at step d the depth-d nodes that have children are fed at position L+d-1, each with its parent's
     #    predicted feature, into its own scratch slot; it sees the committed prefix and its scratch ancestors.
@@ -88,7 +88,7 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
         pos_d = (L + d - 1).expand(F_)
         y = head(target.tok_embeddings(x_tok)[None], x_feat[None], pos_d, scratch, mask[None, None])[0]  # [F, D]
         prev_feats = y
-        prev_ids = torch.topk(target.output(y), tree.K, dim=-1).indices.flatten()  # [F * K]
+        prev_ids = top_k(target.output(y), tree.K)[1].flatten()  # [F * K]
     return torch.cat(node_tokens)
 
 
@@ -116,9 +116,7 @@ def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, 
     K, dev = tree.K, tokens.device
     committed = (torch.arange(head.committed_slots, device=dev) < L)[None].expand(K, -1)  # [K, committed]
     root_feat, root = catch_up(head, target, L, tokens, feats, n)
-    logp = target.output(root_feat).float().log_softmax(-1)  # [1, V]
-    top = torch.topk(logp, K, dim=-1)
-    f_score, f_tok = top.values[0], top.indices[0]  # the frontier: [K]
+    f_score, f_tok = (t[0] for t in top_logp(target.output(root_feat), K))  # the frontier: [K]
     f_feat, f_cand = root_feat.expand(K, -1), torch.arange(K, device=dev)  # parent feature, candidate index
     f_anc = torch.zeros(K, (tree.D - 1) * K, dtype=torch.bool, device=dev)  # scratch rows each frontier row sees
     scores, cand_tokens, parents = [f_score], [f_tok], [torch.full((K,), -1, device=dev)]
@@ -129,19 +127,41 @@ def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, 
         scratch = head.committed_slots + (i - 1) * K + rows
         mask = torch.cat([committed, f_anc], dim=1)[None, None]  # [1, 1, K, slots]
         y = head(target.tok_embeddings(f_tok)[None], f_feat[None], (L + i - 1).expand(K), scratch, mask)[0]  # [K, D]
-        top = torch.topk(target.output(y).float().log_softmax(-1), K, dim=-1)  # children of each frontier row
-        cu = (f_score[:, None] + top.values).flatten()  # cumulative log-probability: [K*K]
+        logp, ids = top_logp(target.output(y), K)  # children of each frontier row: [K, K]
+        cu = (f_score[:, None] + logp).flatten()  # cumulative log-probability: [K*K]
         offset = K + (i - 1) * K * K  # candidate index of this step's first child
         scores.append(cu)
-        cand_tokens.append(top.indices.flatten())
+        cand_tokens.append(ids.flatten())
         parents.append(f_cand.repeat_interleave(K))
         best = torch.topk(cu, K).indices  # the next frontier: [K]
         prow = best // K
-        f_score, f_tok, f_feat = cu[best], top.indices.flatten()[best], y[prow]
+        f_score, f_tok, f_feat = cu[best], ids.flatten()[best], y[prow]
         f_cand, f_anc = offset + best, f_anc[prow]
     kept, parent, depth, ancestors, path_nodes = tree_from_candidates(torch.cat(scores), torch.cat(parents), tree.N,
                                                                       tree.D)  # fmt: skip
     return (torch.cat([root, torch.cat(cand_tokens)[kept]]), parent, depth, ancestors, path_nodes)
+
+
+def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk(x, k) over a vocabulary-sized last dim (values and indices, sorted), as two passes: the top k of
+    each chunk of at most 1024 entries, then the top k of those. On CUDA torch.topk runs a multi-block radix select
+    (about 9 launches) for a few long rows but a one-block kernel per row for many short ones, so this takes ~4
+    launches per draft step. Same values; among equal values it may pick other indices."""
+    V = x.size(-1)
+    chunk = min(V & -V, 1024)  # the largest power of two dividing V, at most 1024
+    if chunk < 128 or V // chunk < 2 or k > chunk:
+        return torch.topk(x, k, dim=-1)
+    v1, i1 = torch.topk(x.unflatten(-1, (V // chunk, chunk)), k, dim=-1, sorted=False)  # [..., V/chunk, k]
+    i1 = i1 + torch.arange(0, V, chunk, device=x.device)[:, None]
+    v2, i2 = torch.topk(v1.flatten(-2), k, dim=-1)  # [..., k]
+    return v2, i1.flatten(-2).gather(-1, i2)
+
+
+def top_logp(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens of each row and their float32 log-probabilities: top_k of the logits minus the row's
+    logsumexp (log_softmax is monotone), without writing out a [rows, V] log-softmax."""
+    v, i = top_k(logits, k)
+    return v.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True), i
 
 
 class HeadError(CheckpointError):

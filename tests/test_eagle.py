@@ -399,3 +399,15 @@ def test_graphed_step_warm_up_leaves_outputs_unchanged(tiny_ckpt, spec):
         assert gen.generate(prompt, max_new, set(), True).output_ids == ref
         assert plain.generate(prompt, max_new, set(), True).output_ids == ref
     assert gen.round.warm and plain.step.warm
+
+
+def test_two_pass_top_k_matches_torch_topk():
+    torch.manual_seed(0)
+    for V in (49152, 32000, 256, 1000):  # chunked (1024, 256), and torch.topk itself (one chunk, no power of two)
+        x = torch.randn(3, V)
+        for (a, b), ref in (
+            (Dr.top_k(x, 10), torch.topk(x, 10)),
+            (Dr.top_logp(x, 4), torch.topk(x.log_softmax(-1), 4)),
+        ):
+            assert torch.equal(b, ref.indices)
+            torch.testing.assert_close(a, ref.values)
