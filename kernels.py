@@ -102,10 +102,18 @@ if triton is not None:
 
     _TUNE = {"prune_configs_by": {"early_config_prune": _prune}, "do_bench": _fast_bench}
 
-    @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL"], **_TUNE)
+    @triton.jit
+    def _load_x(x_ptr, off, K, GATED: tl.constexpr):
+        """x[off] as float32; GATED: x holds [gate | up] (2K entries) and the input is silu(gate) * up."""
+        if GATED:
+            gate = tl.load(x_ptr + off).to(tl.float32)
+            return gate * tl.sigmoid(gate) * tl.load(x_ptr + K + off).to(tl.float32)
+        return tl.load(x_ptr + off).to(tl.float32)
+
+    @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED"], **_TUNE)
     @triton.jit
     def _gemv_kernel(
-        x_ptr,  # [K]
+        x_ptr,  # [K], or [2K] (GATED)
         w_ptr,  # [N, K] (quant 0, 1) or [N, K/2] uint8 (quant 2)
         s_ptr,  # [N] int8 scales, or [N, K/G, 2] int4 (scale, zero); unused for quant 0
         y_ptr,  # [N]
@@ -118,6 +126,7 @@ if triton is not None:
         GROUP: tl.constexpr,
         NORM: tl.constexpr,  # y = W (g * x * rsqrt(mean(x^2) + eps)): the RMSNorm before the matmul, fused
         RESIDUAL: tl.constexpr,  # y += r: the residual add after it
+        GATED: tl.constexpr,  # x = [gate | up], the input is silu(gate) * up: the SwiGLU before the down projection
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -134,8 +143,8 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
                 off = k0 + 2 * (rg[:, None] * HG + rj[None, :])
-                xe = tl.load(x_ptr + off).to(tl.float32)
-                xo = tl.load(x_ptr + off + 1).to(tl.float32)
+                xe = _load_x(x_ptr, off, K, GATED)
+                xo = _load_x(x_ptr, off + 1, K, GATED)
                 if NORM:
                     ss += xe * xe + xo * xo
                     xe = xe * tl.load(g_ptr + off).to(tl.float32)
@@ -153,7 +162,7 @@ if triton is not None:
                     w = _as_float(w.to(tl.int32), 128, 0)
                 else:
                     w = w.to(tl.float32)
-                xk = tl.load(x_ptr + k0 + rk).to(tl.float32)
+                xk = _load_x(x_ptr, k0 + rk, K, GATED)
                 if NORM:
                     ss += xk * xk
                     xk = xk * tl.load(g_ptr + k0 + rk).to(tl.float32)
@@ -168,22 +177,32 @@ if triton is not None:
             y += tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
-    @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M"], **_TUNE)
+    @triton.autotune(
+        configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M", "NORM", "RESIDUAL", "GATED"], **_TUNE
+    )
     @triton.jit
     def _gemm_kernel(
-        x_ptr,  # [M, K] row-major
+        x_ptr,  # [M, K] row-major, or [M, 2K] (GATED)
         w_ptr,
         s_ptr,
         y_ptr,  # [M, N]
+        g_ptr,  # [K] RMSNorm weight (NORM)
+        r_ptr,  # [M, N] residual (RESIDUAL)
         M,
         N,
         K,
+        eps,
         QUANT: tl.constexpr,
         GROUP: tl.constexpr,
+        NORM: tl.constexpr,  # as in _gemv_kernel, per row of x (quant 0 and 1 only)
+        RESIDUAL: tl.constexpr,
+        GATED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
+        """The fusions of _gemv_kernel for a few tokens: a tile of x is normed (times g, each row's sum of squares
+        kept for one scale at the end) or gated (silu(gate) * up) in float32 before it goes to tl.dot."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
@@ -202,23 +221,42 @@ if triton is not None:
                 acc += tl.dot(xo, tl.trans(wo))
         else:
             rk = tl.arange(0, BLOCK_K)
+            ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            row = rm[:, None] * (2 * K if GATED else K)
             for k0 in range(0, K, BLOCK_K):
                 w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=n_ok[:, None], other=0)
                 if QUANT == 1:
                     w = _as_float(w.to(tl.int32), 128, 0).to(dt)
-                x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
+                xp = x_ptr + row + (k0 + rk)[None, :]
+                x = tl.load(xp, mask=m_ok[:, None], other=0.0)
+                if GATED:
+                    gate = x.to(tl.float32)
+                    x = (gate * tl.sigmoid(gate) * tl.load(xp + K, mask=m_ok[:, None], other=0.0).to(tl.float32)).to(dt)
+                if NORM:
+                    xf = x.to(tl.float32)
+                    ss += tl.sum(xf * xf, axis=1)
+                    x = (xf * tl.load(g_ptr + k0 + rk).to(tl.float32)[None, :]).to(dt)
                 acc += tl.dot(x, tl.trans(w.to(dt)))
+            if NORM:
+                acc = acc * tl.rsqrt(ss / K + eps)[:, None]
         if QUANT == 1:
             acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y_mask = m_ok[:, None] & n_ok[None, :]
+        if RESIDUAL:
+            acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=y_mask, other=0.0).to(tl.float32)
         y = y_ptr + rm[:, None] * N + rn[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int) -> tuple[int, int, int]:
+def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, gated: bool) -> tuple[int, int, int]:
     if x.dim() != 2 or not x.is_contiguous() or x.shape[0] > MAX_M:
         raise ValueError(f"x must be a contiguous [M <= {MAX_M}, K] matrix, got {tuple(x.shape)}")
     m, k = x.shape
     n = w.shape[0]
+    if gated:
+        if k % 2:
+            raise ValueError(f"gated: x must be [M, 2K], got {tuple(x.shape)}")
+        k //= 2
     if quant == INT4:
         if w.dtype != torch.uint8 or w.shape != (n, k // 2) or k % group or s.shape != (n, k // group, 2):
             raise ValueError(f"int4: x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype}, group {group}")
@@ -234,57 +272,169 @@ def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int) -> tu
 
 @torch.library.custom_op("llmgen::wmm", mutates_args=())
 def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tensor | None = None, eps: float = 0.0,
-        residual: Tensor | None = None) -> Tensor:  # fmt: skip
+        residual: Tensor | None = None, gated: bool = False) -> Tensor:  # fmt: skip
     """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring.
 
-    One token (M = 1) only: g [K] applies RMSNorm (weight g, epsilon eps) to x first, and residual [1, N] is added to
-    the result, both inside the kernel: residual + W @ rmsnorm(x)."""
-    m, n, k = _check(x, w, s, quant, group)
-    if (g is not None or residual is not None) and m != 1:
-        raise ValueError(f"the fused norm / residual add takes one token, got {m}")
-    if g is not None and g.shape != (k,) or residual is not None and residual.shape != (1, n):
+    Fusions (any M for quant 0 and 1, one token for int4): g [K] applies RMSNorm (weight g, epsilon eps) to x first;
+    gated: x is [M, 2K] = [gate | up] and the input is silu(gate) * up; residual [M, N] is added to the result. All
+    inside the kernel: residual + W @ rmsnorm(x)."""
+    m, n, k = _check(x, w, s, quant, group, gated)
+    fusing = g is not None or residual is not None or gated
+    if fusing and m != 1 and quant == INT4:
+        raise ValueError(f"the fused norm / residual add / gating take one token for int4, got {m}")
+    if g is not None and g.shape != (k,) or residual is not None and residual.shape != (m, n):
         shapes = [None if t is None else tuple(t.shape) for t in (g, residual)]
-        raise ValueError(f"norm weight / residual of shapes {shapes} for N={n}, K={k}")
+        raise ValueError(f"norm weight / residual of shapes {shapes} for M={m}, N={n}, K={k}")
+    if g is not None and gated:
+        raise ValueError("a norm and gating together are not supported")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     s = s if s is not None else w  # placeholder pointers the kernel never reads
+    norm, res = g is not None, residual is not None
+    g, r = g if norm else x, residual if res else x
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    flags = dict(QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=res, GATED=gated)
     if m == 1:
-        norm, res = g is not None, residual is not None
-        g, r = g if norm else x, residual if res else x
-        _gemv_kernel[grid](x, w, s, y, g, r, n, k, eps, QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=res)
+        _gemv_kernel[grid](x, w, s, y, g, r, n, k, eps, **flags)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        _gemm_kernel[grid](x, w, s, y, m, n, k, QUANT=quant, GROUP=group, BLOCK_M=block_m)
+        _gemm_kernel[grid](x, w, s, y, g, r, m, n, k, eps, **flags, BLOCK_M=block_m)
     return y
 
 
 @wmm.register_fake
-def _(x, w, s, quant, group, g=None, eps=0.0, residual=None):
+def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-# The fused norm / residual add is used for K >= FUSE_MIN_K only. Measured on an H200 (BENCHMARKS.md): +2.7% tok/s on
-# the Llama-2-7B shape (K = 4096, 11008), -1.3% on SmolLM2 (K = 576, 1536), where each program's extra sum of squares
-# and norm-weight loads cost more than the separate norm kernel they replace.
+# Where the norm / residual add / gating go into our kernel instead of kernels of their own (Inductor's), measured on
+# an H200 (BENCHMARKS.md):
+# - one token: for K >= FUSE_MIN_K. +2.7% tok/s on the Llama-2-7B shape (K = 4096, 11008); -1.3% on SmolLM2 (K = 576,
+#   1536), where each program's extra sum of squares and norm-weight loads cost more than the norm kernel they replace.
+# - 2-64 tokens (EAGLE trees): for K < FEW_FUSE_MAX_K (bf16 then runs our tl.dot kernel instead of cuBLAS, which is as
+#   fast on SmolLM2's shapes and faster on the 7B shape's, measured without fusions). Saves three launches per layer.
 FUSE_MIN_K = 2048
+FEW_FUSE_MAX_K = 2048
 
 
 def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None,
-              n: int) -> Tensor | None:  # fmt: skip
-    """residual + W @ norm(x) as one `wmm` for a one-token x [..., K] on CUDA, or None where that does not apply
-    (several tokens, CPU, dtypes that differ, K < FUSE_MIN_K with a norm or residual) and the caller runs the steps
-    apart. norm: a model.RMSNorm or None."""
+              n: int, gated: bool = False) -> Tensor | None:  # fmt: skip
+    """residual + W @ norm(x) (or W @ (silu(gate) * up) for a gated x [..., 2K]) as one `wmm` on CUDA for up to MAX_M
+    tokens, or None where that does not apply (CPU, dtypes that differ, shapes the rules above leave out) and the
+    caller runs the steps apart. norm: a model.RMSNorm or None. Without any fusion asked: one token only (the GEMV)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] != 1 or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
+    m, k = x2.shape[0], x2.shape[1] // (2 if gated else 1)
+    if m > MAX_M or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
         return None
-    if (norm is not None or residual is not None) and x2.shape[1] < FUSE_MIN_K:
+    fusing = norm is not None or residual is not None or gated
+    if m == 1 and fusing and k < FUSE_MIN_K or m > 1 and (not fusing or k >= FEW_FUSE_MAX_K or quant == INT4):
         return None
     g = None if norm is None else norm.weight
     if g is not None and g.dtype != x2.dtype or residual is not None and residual.dtype != x2.dtype:
         return None
-    r = None if residual is None else residual.reshape(1, n)
-    y = wmm(x2.contiguous(), w, s, quant, group, g, norm.eps if norm is not None else 0.0, r)
+    r = None if residual is None else residual.reshape(m, n).contiguous()
+    y = wmm(x2.contiguous(), w, s, quant, group, g, norm.eps if norm is not None else 0.0, r, gated)
     return y.reshape(*x.shape[:-1], n)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _copy_rows_kernel(table, src_ptr, dst_ptr, R, T, HD: tl.constexpr, R_PAD: tl.constexpr, DT: tl.constexpr):
+        """Program (c, h): rows src -> dst of head h of cache c, all rows read before any is written."""
+        base = tl.load(table + tl.program_id(0)).to(tl.pointer_type(DT))  # cache c's address
+        base += tl.program_id(1).to(tl.int64) * T * HD
+        rj, rd = tl.arange(0, R_PAD), tl.arange(0, HD)
+        ok = rj < R
+        src = tl.load(src_ptr + rj, mask=ok, other=0)
+        dst = tl.load(dst_ptr + rj, mask=ok, other=0)
+        rows = tl.load(base + src[:, None] * HD + rd[None, :], mask=ok[:, None])
+        tl.debug_barrier()  # the ranges may overlap: every thread's reads land before any write
+        tl.store(base + dst[:, None] * HD + rd[None, :], rows, mask=ok[:, None])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_cache_kernel(qkv_ptr, rope_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, S, T, H: tl.constexpr, KV: tl.constexpr,
+                           HD: tl.constexpr):  # fmt: skip
+        """Program (s, h): head h of token s. h < H: q, rotated, to q [H, S, HD]; else k head h - H, rotated, and v
+        head h - H to their cache slot pos[s]. Rotate-half RoPE in float32: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+        s, h = tl.program_id(0), tl.program_id(1)
+        rd = tl.arange(0, HD // 2)
+        row = qkv_ptr + s * (H + 2 * KV) * HD  # token s: [q heads | k heads | v heads]
+        cs = rope_ptr + s * 2 * HD  # [cos (HD) | sin (HD)]
+        x1 = tl.load(row + h * HD + rd).to(tl.float32)
+        x2 = tl.load(row + h * HD + HD // 2 + rd).to(tl.float32)
+        o1 = x1 * tl.load(cs + rd) - x2 * tl.load(cs + HD + rd)
+        o2 = x2 * tl.load(cs + HD // 2 + rd) + x1 * tl.load(cs + HD + HD // 2 + rd)
+        if h < H:
+            dst = q_ptr + (h * S + s) * HD
+        else:
+            slot = tl.load(pos_ptr + s).to(tl.int64)
+            dst = k_ptr + ((h - H) * T + slot) * HD
+            vdst = v_ptr + ((h - H) * T + slot) * HD
+            tl.store(vdst + rd, tl.load(row + (h + KV) * HD + rd))
+            tl.store(vdst + HD // 2 + rd, tl.load(row + (h + KV) * HD + HD // 2 + rd))
+        tl.store(dst + rd, o1.to(q_ptr.dtype.element_ty))
+        tl.store(dst + HD // 2 + rd, o2.to(q_ptr.dtype.element_ty))
+
+
+@torch.library.custom_op("llmgen::rope_cache", mutates_args=("k_cache", "v_cache"))
+def _rope_cache(qkv: Tensor, rope: Tensor, cache_pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int) -> Tensor:
+    S, KV, T, hd = qkv.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3)
+    q = torch.empty(n_heads, S, hd, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(S, n_heads + KV)](qkv, rope, cache_pos, q, k_cache, v_cache, S, T, n_heads, KV, hd)
+    return q
+
+
+@_rope_cache.register_fake
+def _(qkv, rope, cache_pos, k_cache, v_cache, n_heads):
+    return qkv.new_empty(n_heads, qkv.size(0), k_cache.size(3))
+
+
+def rope_and_cache(qkv: Tensor, rope: Tensor, cache_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   n_heads: int) -> Tensor | None:  # fmt: skip
+    """Attention's step between the QKV matmul and the scores, as one kernel: q, k rotated by RoPE (rope [S, 2, hd]
+    float32, rotate-half), k and v written to cache slots cache_pos [S]. qkv: [1, S, (H + 2 KV) hd]; caches
+    [1, KV, T, hd]. Returns q [1, H, S, hd], or None where the kernel does not apply (CPU, batch > 1, other
+    layouts) and the caller runs the steps apart (model.Attention: three kernels under torch.compile)."""
+    B, S, _ = qkv.shape
+    hd = k_cache.size(-1)
+    if not available(qkv) or B != 1 or hd < 2 or hd & (hd - 1) or rope.dtype != torch.float32:
+        return None
+    if (
+        k_cache.dtype != qkv.dtype
+        or v_cache.dtype != qkv.dtype
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+    ):
+        return None
+    return _rope_cache(qkv.reshape(S, -1).contiguous(), rope.contiguous(), cache_pos, k_cache, v_cache, n_heads)[None]
+
+
+_TABLES: dict[tuple, Tensor] = {}  # the device-side address table of each list of caches seen (built outside capture)
+_TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+@torch.library.custom_op("llmgen::copy_rows", mutates_args=("caches",))
+def copy_rows(caches: list[Tensor], src: Tensor, dst: Tensor) -> None:
+    """cache[:, :, dst] = cache[:, :, src] for every cache [B, H, T, hd] in the list (src, dst: [R] slots; all rows
+    are read before any is written, so the ranges may overlap). The KV compaction of an accepted EAGLE path: on CUDA
+    one Triton launch for all layers' K and V instead of one kernel per tensor (60 on SmolLM2)."""
+    c0 = caches[0]
+    R, hd = src.numel(), c0.size(-1)
+    same = all(c.shape == c0.shape and c.dtype == c0.dtype and c.is_contiguous() for c in caches)
+    on_triton = triton is not None and (c0.is_cuda or INTERPRET)
+    if not (on_triton and same and c0.dtype in _TL_DTYPES and R <= 64 and hd & (hd - 1) == 0):
+        for c in caches:
+            c.index_copy_(2, dst, c.index_select(2, src))
+        return
+    key = tuple(c.data_ptr() for c in caches)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = torch.tensor(key, dtype=torch.int64, device=c0.device)
+    dt = getattr(tl, _TL_DTYPES[c0.dtype])
+    grid = (len(caches), c0.size(0) * c0.size(1))
+    _copy_rows_kernel[grid](table, src, dst, R, c0.size(2), HD=hd, R_PAD=max(2, triton.next_power_of_2(R)), DT=dt)
 
 
 def int4_layout(scales_and_zeros: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -297,7 +447,8 @@ class FewTokenLinear(torch.nn.Module):
     """A bias-free dense nn.Linear whose forward uses the Triton GEMV for one token (bf16/fp16 on CUDA) and F.linear
     otherwise. Shares the original weight Parameter (tied embeddings stay tied). One token only: in `bench.py
     --linears` the GEMV beat cuBLAS on most decode shapes (SmolLM2: 2.1-2.5 vs 3.3-4.7 us), while for 8-64 tokens
-    cuBLAS was as fast or faster (BENCHMARKS.md)."""
+    cuBLAS was as fast or faster (BENCHMARKS.md); `fused` takes our kernel for 2-64 tokens too, where it saves the
+    separate norm / residual / gating kernels (see FEW_FUSE_MAX_K)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -308,9 +459,9 @@ class FewTokenLinear(torch.nn.Module):
         y = fused_wmm(x, self.weight, None, NONE, 0, None, None, self.out_features)
         return y if y is not None else torch.nn.functional.linear(x, self.weight)
 
-    def fused(self, x: Tensor, norm, residual: Tensor | None) -> Tensor | None:
-        """residual + self(norm(x)) in one kernel for one token on CUDA, else None (see model.linear)."""
-        return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features)
+    def fused(self, x: Tensor, norm, residual: Tensor | None, gated: bool = False) -> Tensor | None:
+        """residual + self(norm(x)) (or of silu(gate) * up) in one kernel on CUDA, else None (see model.linear)."""
+        return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features, gated)
 
 
 def use_triton_linears(model: torch.nn.Module) -> int:

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import kernels
+
 
 @dataclass
 class ModelArgs:
@@ -111,11 +113,6 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, cache_pos, v)
         return self.k, self.v
 
-    def copy_slots(self, src: Tensor, dst: Tensor) -> None:
-        # Gather first, then write: the ranges may overlap.
-        self.k.index_copy_(2, dst, self.k.index_select(2, src))
-        self.v.index_copy_(2, dst, self.v.index_select(2, src))
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -129,16 +126,21 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def linear(mod: nn.Module, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
-    """residual + mod(norm(x)), with norm and residual optional. Linear modules that can do all of it in one kernel
-    (kernels.FewTokenLinear and the int8 module, for one token on CUDA) have a `fused` method, which returns None
-    where it does not apply; on that path the norm runs in float32 throughout, on the plain path (the reference, and
-    the CPU's) it rounds as RMSNorm.forward does."""
+def linear(mod: nn.Module, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None,
+           gated: bool = False) -> Tensor:  # fmt: skip
+    """residual + mod(norm(x)), with norm and residual optional; gated: x is [..., 2K] = [gate | up] and mod's input
+    is silu(gate) * up. Linear modules that can do all of it in one kernel (kernels.FewTokenLinear and the int8
+    module, on CUDA, see kernels.fused_wmm) have a `fused` method, which returns None where it does not apply; on
+    that path the norm and gating run in float32 throughout, on the plain path (the reference, and the CPU's) they
+    round as RMSNorm.forward and F.silu do."""
     fused = getattr(mod, "fused", None)
     if fused is not None and (norm is None or isinstance(norm, RMSNorm)):
-        y = fused(x, norm, residual)
+        y = fused(x, norm, residual, gated)
         if y is not None:
             return y
+    if gated:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
     y = mod(norm(x) if norm is not None else x)
     return y if residual is None else residual + y
 
@@ -191,12 +193,17 @@ class Attention(nn.Module):
         """residual + attention(norm(x)) (see `linear`); x: [B, S, dim]."""
         B, S, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = linear(self.wqkv, x, norm).split([H * hd, KV * hd, KV * hd], dim=-1)
-        q = q.view(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
-        k = k.view(B, S, KV, hd).transpose(1, 2)  # [B, KV, S, hd]
-        v = v.view(B, S, KV, hd).transpose(1, 2)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        k, v = self.kv_cache.update(cache_pos, k, v)  # [B, KV, T, hd]
+        qkv = linear(self.wqkv, x, norm)  # [B, S, (H + 2 KV) hd]
+        # RoPE on q and k, k and v into the cache: one kernel on CUDA (kernels.rope_and_cache), else these steps
+        q = kernels.rope_and_cache(qkv, rope, cache_pos, self.kv_cache.k, self.kv_cache.v, H)  # [B, H, S, hd]
+        if q is None:
+            q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+            q = q.view(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
+            k = k.view(B, S, KV, hd).transpose(1, 2)  # [B, KV, S, hd]
+            v = v.view(B, S, KV, hd).transpose(1, 2)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            self.kv_cache.update(cache_pos, k, v)
+        k, v = self.kv_cache.k, self.kv_cache.v  # [B, KV, T, hd]
         if S > SMALL_S:  # prefill: a fused kernel, but not cuDNN's (see PREFILL_SDPA)
             with sdpa_kernel(PREFILL_SDPA):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)  # [B, H, S, hd]
@@ -237,8 +244,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
         """residual + feed_forward(norm(x)) (see `linear`)."""
-        gate, up = linear(self.w13, x, norm).chunk(2, dim=-1)
-        return linear(self.w2, F.silu(gate) * up, residual=residual)
+        gate_up = linear(self.w13, x, norm)  # [..., 2 * intermediate]
+        return linear(self.w2, gate_up, residual=residual, gated=True)  # residual + w2(silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -304,9 +311,10 @@ class Transformer(nn.Module):
         return (logits, h) if return_hidden else logits
 
     def copy_slots(self, src: Tensor, dst: Tensor) -> None:
-        """Move KV rows src -> dst (both [n]) in every layer: compaction of an accepted tree path."""
-        for layer in self.layers:
-            layer.attention.kv_cache.copy_slots(src, dst)
+        """Move KV rows src -> dst (both [n]) in every layer: compaction of an accepted tree path (one kernel for all
+        layers on CUDA: kernels.copy_rows)."""
+        caches = [t for layer in self.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
+        kernels.copy_rows(caches, src, dst)
 
 
 # ---------------------------------------------------------------------------------------------------------------

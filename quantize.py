@@ -218,11 +218,12 @@ class WeightOnlyInt8Linear(nn.Module):
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
 
-    def fused(self, x: Tensor, norm, residual: Tensor | None) -> Tensor | None:
-        """residual + self(norm(x)) in one kernel for one token (kernel "triton"), else None (see model.linear)."""
+    def fused(self, x: Tensor, norm, residual: Tensor | None, gated: bool = False) -> Tensor | None:
+        """residual + self(norm(x)) (or of silu(gate) * up) in one kernel (kernel "triton"), else None (see
+        model.linear)."""
         if self.kernel != "triton" or self.bias is not None:
             return None
-        return kernels.fused_wmm(x, self.weight, self.scales, kernels.INT8, 0, norm, residual, self.out_features)
+        return kernels.fused_wmm(x, self.weight, self.scales, kernels.INT8, 0, norm, residual, self.out_features, gated)
 
     def extra_repr(self) -> str:
         return (

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import generate as G  # noqa: E402
+import kernels  # noqa: E402
 import model as M  # noqa: E402
 import tree as T  # noqa: E402
 from draft import EagleHead, load_head  # noqa: E402
@@ -404,6 +405,20 @@ def main() -> None:
         help="RMSNorm and residual add inside the one-token Triton matmuls (model.linear); --no-fused for A/B runs",
     )
     p.add_argument(
+        "--fuse-min-k",
+        type=int,
+        default=None,
+        help=f"one-token steps fuse norm / residual / gating into the matmul for inputs of >= this many features "
+        f"(default kernels.FUSE_MIN_K = {kernels.FUSE_MIN_K}; 0 = always)",
+    )
+    p.add_argument(
+        "--few-fuse-max-k",
+        type=int,
+        default=None,
+        help=f"2-64-token forwards (EAGLE) fuse them for inputs of < this many features (default "
+        f"kernels.FEW_FUSE_MAX_K = {kernels.FEW_FUSE_MAX_K}; 0 = never, bf16 then stays on cuBLAS)",
+    )
+    p.add_argument(
         "--compile-prefill",
         action="store_true",
         help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
@@ -413,6 +428,10 @@ def main() -> None:
     PROFILE_DIR = Path(a.profile) if a.profile else None
     KERNEL, COMPILE_PREFILL, FUSED = a.kernel, a.compile_prefill, a.fused
     G.set_kernels(a.kernel)
+    if a.fuse_min_k is not None:
+        kernels.FUSE_MIN_K = a.fuse_min_k
+    if a.few_fuse_max_k is not None:
+        kernels.FEW_FUSE_MAX_K = a.few_fuse_max_k
     if a.quant:
         mode, _, g = a.quant.partition(":")
         QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
@@ -423,7 +442,8 @@ def main() -> None:
     res = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
-        "copy_gb_per_s": copy_bandwidth() / 1e9,
+        "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
+        "few_fuse_max_k": kernels.FEW_FUSE_MAX_K,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:

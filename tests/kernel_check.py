@@ -123,31 +123,45 @@ def check_compile():
 
 
 def check_fused():
-    """The one-token GEMV with the RMSNorm fused before it and the residual add after it, every block shape and
-    weight format, against residual + rmsnorm(x) @ W.T; then model.linear on modules that fuse (the interpreter
-    counts as a device here) against the plain path, and under torch.compile."""
+    """The matmuls with the RMSNorm fused before them, or the SwiGLU gating (silu(gate) * up), and the residual add
+    after them: the one-token GEMV (every weight format) and the few-token kernel (bf16 and int8), every block
+    shape, against residual + rmsnorm(x) @ W.T; then model.linear on modules that fuse (the interpreter counts as a
+    device here) against the plain path, under torch.compile, and a whole model."""
     torch.manual_seed(6)
-    configs = K._gemv_kernel.configs
-    try:
-        for cfg in configs:
-            K._gemv_kernel.configs, K._gemv_kernel.cache = [cfg], {}
-            bk = cfg.kwargs["BLOCK_K"]
-            for quant in (K.NONE, K.INT8, K.INT4):
-                n, k, gs = 40, 2 * bk, 64 if bk >= 64 else 32
-                w, s, ref_w = weights(quant, n, k, gs)
-                x, g, r = torch.randn(1, k) * 3, torch.rand(k) + 0.5, torch.randn(1, n)
-                normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
-                for gg, rr, ref in (
-                    (g, None, normed @ ref_w.T),
-                    (None, r, x @ ref_w.T + r),
-                    (g, r, normed @ ref_w.T + r),
-                ):
-                    y = K.wmm(x, w, s, quant, gs, gg, 1e-5, rr)
-                    assert rel_err(y, ref) < 1e-5, (cfg, quant, gg is None, rr is None, rel_err(y, ref))
-    finally:
-        K._gemv_kernel.configs, K._gemv_kernel.cache = configs, {}
+    for kern, ms, quants in (
+        (K._gemv_kernel, [1], (K.NONE, K.INT8, K.INT4)),
+        (K._gemm_kernel, [3, 26], (K.NONE, K.INT8)),
+    ):
+        configs = kern.configs
+        try:
+            for cfg in configs:
+                kern.configs, kern.cache = [cfg], {}
+                bk = cfg.kwargs["BLOCK_K"]
+                for quant in quants:
+                    n, k, gs = 40, 2 * bk, 64 if bk >= 64 else 32
+                    w, s, ref_w = weights(quant, n, k, gs)
+                    for m in ms:
+                        x, g, r = torch.randn(m, k) * 3, torch.rand(k) + 0.5, torch.randn(m, n)
+                        gate_up = torch.randn(m, 2 * k)
+                        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+                        gated = F.silu(gate_up[:, :k]) * gate_up[:, k:]
+                        for xx, gg, rr, gt, ref in (
+                            (x, g, None, False, normed @ ref_w.T),
+                            (x, None, r, False, x @ ref_w.T + r),
+                            (x, g, r, False, normed @ ref_w.T + r),
+                            (gate_up, None, None, True, gated @ ref_w.T),
+                            (gate_up, None, r, True, gated @ ref_w.T + r),
+                        ):
+                            y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, rr, gt)
+                            err = rel_err(y, ref)
+                            assert err < 1e-5, (cfg, quant, m, gg is None, rr is None, gt, err)
+        finally:
+            kern.configs, kern.cache = configs, {}
+    w4, s4, _ = weights(K.INT4, 8, 64, 32)
     for bad in (
-        lambda: K.wmm(torch.randn(2, 64), torch.randn(8, 64), None, K.NONE, 0, torch.ones(64), 1e-5, None),
+        lambda: K.wmm(torch.randn(2, 64), w4, s4, K.INT4, 32, torch.ones(64), 1e-5, None),  # int4: one token only
+        lambda: K.wmm(torch.randn(1, 128), torch.randn(8, 64), None, K.NONE, 0, torch.ones(64), 1e-5, None, True),
+        lambda: K.wmm(torch.randn(1, 63), torch.randn(8, 32), None, K.NONE, 0, None, 0.0, None, True),
         lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, torch.ones(32), 1e-5, None),
         lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, None, 0.0, torch.ones(1, 7)),
     ):
@@ -165,7 +179,9 @@ def check_fused():
     i8.weight, i8.scales = Q.quantize_int8(torch.randn(n, dim) * 0.05)
     i8.prepare(torch.float32, "triton")
     x, r = torch.randn(1, 1, dim), torch.randn(1, 1, n)
+    x26, r26, gu26 = torch.randn(1, 26, dim), torch.randn(1, 26, n), torch.randn(1, 26, 2 * dim)
     refs = {id(m): M.linear(m, x, norm, r) for m in (few, i8)}  # plain path: fused() is None off CUDA
+    refs26 = {id(m): (M.linear(m, x26, norm, r26), M.linear(m, gu26, None, r26, gated=True)) for m in (few, i8)}
     assert few.fused(x, norm, r) is None
     real, K.available = K.available, lambda x: True
     assert few.fused(x, norm, r) is None and few.fused(x, None, None) is not None  # K = 128 < FUSE_MIN_K
@@ -174,7 +190,15 @@ def check_fused():
         for m in (few, i8):
             assert m.fused(x, norm, r) is not None
             assert rel_err(M.linear(m, x, norm, r), refs[id(m)]) < 1e-5
-            assert m.fused(torch.randn(1, 2, dim), norm, None) is None  # two tokens: not fused
+            # 2-64 tokens: fused below FEW_FUSE_MAX_K features, not at or above it, and never without a fusion asked
+            assert m.fused(x26, norm, r26) is not None and few.fused(x26, None, None) is None
+            assert rel_err(M.linear(m, x26, norm, r26), refs26[id(m)][0]) < 1e-5
+            assert rel_err(M.linear(m, gu26, None, r26, gated=True), refs26[id(m)][1]) < 1e-5
+            max_k, K.FEW_FUSE_MAX_K = K.FEW_FUSE_MAX_K, dim
+            try:
+                assert m.fused(x26, norm, r26) is None
+            finally:
+                K.FEW_FUSE_MAX_K = max_k
         f = torch.compile(lambda x: M.linear(few, x, norm, r) * 2, fullgraph=True, backend="aot_eager")
         with torch.no_grad():  # inference only: the op has no autograd formula
             assert rel_err(f(x), refs[id(few)] * 2) < 1e-5
@@ -194,13 +218,62 @@ def check_fused():
                 assert K.use_triton_linears(model) > 0
                 K.available = lambda x: True
             with torch.no_grad():
-                steps = [model(tokens[:, :6], torch.arange(6))[:, -1]]
+                steps = [model(tokens[:, :6], torch.arange(6))[:, -1]]  # 6 tokens: the few-token kernel
                 steps += [model(tokens[:, i : i + 1], torch.tensor([i]))[:, -1] for i in range(6, 10)]
             outs.append(torch.stack(steps))
         assert rel_err(outs[1], outs[0]) < 1e-5, rel_err(outs[1], outs[0])
     finally:
         K.available, K.FUSE_MIN_K = real, min_k
     print("fused ok")
+
+
+def check_copy_rows():
+    """One launch moves rows src -> dst in every cache, reading all of them first (the ranges overlap)."""
+    torch.manual_seed(4)
+    for dtype, shape, n in ((torch.float32, (1, 3, 40, 64), 8), (torch.bfloat16, (1, 4, 33, 16), 3)):
+        for src, dst in (
+            ([5], [3]),
+            ([10, 12, 15, 15, 15], [10, 11, 12, 13, 14]),
+            ([2, 3, 9, 20, 21, 22, 30], [1, 2, 3, 4, 5, 6, 7]),
+        ):
+            caches = [torch.randn(shape).to(dtype) for _ in range(n)]
+            ref = [c.clone() for c in caches]
+            src_t, dst_t = torch.tensor(src), torch.tensor(dst)
+            K.copy_rows(caches, src_t, dst_t)
+            for r in ref:
+                r.index_copy_(2, dst_t, r.index_select(2, src_t))
+            assert all(torch.equal(a, b) for a, b in zip(caches, ref, strict=True)), (dtype, src, dst)
+    print("copy_rows ok")
+
+
+def check_rope_cache():
+    """RoPE on q and k and the cache writes in one kernel: the same q, caches and logits as the separate steps, for a
+    prefill, one-token steps and a tree-shaped forward (slots in any order), fp32 and bf16 caches."""
+    torch.manual_seed(8)
+    args = M.ModelArgs.from_name("tiny")
+    real = K.available
+    for dtype in (torch.float32, torch.bfloat16):
+        model = M.Transformer(args).eval().to(dtype)
+        tokens = torch.randint(0, args.vocab_size, (1, 40))
+        calls = [(tokens[:, :9], torch.arange(9), None), (tokens[:, 9:10], torch.tensor([9]), None)]
+        calls.append((tokens[:, 10:36], torch.arange(10, 36), torch.randperm(26) + 10))  # 26 tokens, shuffled slots
+        outs, caches = [], []
+        for fused in (False, True):
+            model.setup_caches(1, 64, dtype)
+            K.available = (lambda x: True) if fused else real
+            try:
+                with torch.no_grad():
+                    outs.append([model(t, pos, slots).float() for t, pos, slots in calls])
+            finally:
+                K.available = real
+            caches.append(
+                [t.clone() for layer in model.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
+            )
+        for a, b in zip(caches[0], caches[1], strict=True):
+            assert rel_err(b, a) < (1e-6 if dtype == torch.float32 else 1e-2), rel_err(b, a)
+        for a, b in zip(outs[0], outs[1], strict=True):
+            assert rel_err(b, a) < (1e-5 if dtype == torch.float32 else 2e-2), rel_err(b, a)
+    print("rope_cache ok")
 
 
 if __name__ == "__main__":
@@ -211,3 +284,5 @@ if __name__ == "__main__":
     check_modules()
     check_compile()
     check_fused()
+    check_copy_rows()
+    check_rope_cache()
