@@ -70,6 +70,7 @@ if triton is not None:
         for bn, bk, w, s in [
             (4, 512, 4, 2), (8, 256, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2), (16, 512, 8, 2),
             (32, 128, 4, 2), (8, 1024, 8, 2), (16, 128, 4, 3),
+            (16, 1024, 8, 2), (32, 512, 8, 2), (8, 2048, 8, 2),  # int8: as many bytes per step as bf16's best
         ]
     ]  # fmt: skip
     _GEMM_CONFIGS = [
