@@ -625,10 +625,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="auto",
         choices=KERNEL_CHOICES,
         help="matmul kernels on CUDA: 'auto' (default) = kernels.py's Triton GEMV for one-token bf16/fp16 steps "
-        "(with the RMSNorm, residual add and SwiGLU gating fused in for inputs of >= 2048 features; for 2-64 tokens, "
-        "as in EAGLE trees, the few-token kernel with them fused for inputs of < 2048) and its int8 kernels (up to 64 "
-        "tokens), tinygemm for int4; 'triton' = kernels.py also for int4; 'torch' = cuBLAS, Inductor (int8) and "
-        "tinygemm only. Triton kernels need the triton package (CUDA torch has it)",
+        "(with the RMSNorm, residual add and SwiGLU gating fused in for inputs of >= 2048 features) and its int8 "
+        "kernels (up to 64 tokens), tinygemm for int4; 'triton' = kernels.py also for int4; 'torch' = cuBLAS, "
+        "Inductor (int8) and tinygemm only. Triton kernels need the triton package (CUDA torch has it)",
     )
     p.add_argument(
         "--num-samples",

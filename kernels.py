@@ -178,32 +178,22 @@ if triton is not None:
             y += tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
-    @triton.autotune(
-        configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M", "NORM", "RESIDUAL", "GATED"], **_TUNE
-    )
+    @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M"], **_TUNE)
     @triton.jit
     def _gemm_kernel(
-        x_ptr,  # [M, K] row-major, or [M, 2K] (GATED)
+        x_ptr,  # [M, K] row-major
         w_ptr,
         s_ptr,
         y_ptr,  # [M, N]
-        g_ptr,  # [K] RMSNorm weight (NORM)
-        r_ptr,  # [M, N] residual (RESIDUAL)
         M,
         N,
         K,
-        eps,
         QUANT: tl.constexpr,
         GROUP: tl.constexpr,
-        NORM: tl.constexpr,  # as in _gemv_kernel, per row of x (quant 0 and 1 only)
-        RESIDUAL: tl.constexpr,
-        GATED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """The fusions of _gemv_kernel for a few tokens: a tile of x is normed (times g, each row's sum of squares
-        kept for one scale at the end) or gated (silu(gate) * up) in float32 before it goes to tl.dot."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
@@ -222,31 +212,16 @@ if triton is not None:
                 acc += tl.dot(xo, tl.trans(wo))
         else:
             rk = tl.arange(0, BLOCK_K)
-            ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            row = rm[:, None] * (2 * K if GATED else K)
             for k0 in range(0, K, BLOCK_K):
                 w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=n_ok[:, None], other=0)
                 if QUANT == 1:
                     w = _as_float(w.to(tl.int32), 128, 0).to(dt)
-                xp = x_ptr + row + (k0 + rk)[None, :]
-                x = tl.load(xp, mask=m_ok[:, None], other=0.0)
-                if GATED:
-                    gate = x.to(tl.float32)
-                    x = (gate * tl.sigmoid(gate) * tl.load(xp + K, mask=m_ok[:, None], other=0.0).to(tl.float32)).to(dt)
-                if NORM:
-                    xf = x.to(tl.float32)
-                    ss += tl.sum(xf * xf, axis=1)
-                    x = (xf * tl.load(g_ptr + k0 + rk).to(tl.float32)[None, :]).to(dt)
+                x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
                 acc += tl.dot(x, tl.trans(w.to(dt)))
-            if NORM:
-                acc = acc * tl.rsqrt(ss / K + eps)[:, None]
         if QUANT == 1:
             acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        y_mask = m_ok[:, None] & n_ok[None, :]
-        if RESIDUAL:
-            acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=y_mask, other=0.0).to(tl.float32)
         y = y_ptr + rm[:, None] * N + rn[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, gated: bool) -> tuple[int, int, int]:
@@ -276,16 +251,15 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
         residual: Tensor | None = None, gated: bool = False) -> Tensor:  # fmt: skip
     """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring.
 
-    Fusions (any M for quant 0 and 1, one token for int4): g [K] applies RMSNorm (weight g, epsilon eps) to x first;
-    gated: x is [M, 2K] = [gate | up] and the input is silu(gate) * up; residual [M, N] is added to the result. All
-    inside the kernel: residual + W @ rmsnorm(x)."""
+    One token (M = 1) only: g [K] applies RMSNorm (weight g, epsilon eps) to x first; gated: x is [1, 2K] =
+    [gate | up] and the input is silu(gate) * up; residual [1, N] is added to the result. All inside the kernel:
+    residual + W @ rmsnorm(x)."""
     m, n, k = _check(x, w, s, quant, group, gated)
-    fusing = g is not None or residual is not None or gated
-    if fusing and m != 1 and quant == INT4:
-        raise ValueError(f"the fused norm / residual add / gating take one token for int4, got {m}")
-    if g is not None and g.shape != (k,) or residual is not None and residual.shape != (m, n):
+    if (g is not None or residual is not None or gated) and m != 1:
+        raise ValueError(f"the fused norm / residual add / gating take one token, got {m}")
+    if g is not None and g.shape != (k,) or residual is not None and residual.shape != (1, n):
         shapes = [None if t is None else tuple(t.shape) for t in (g, residual)]
-        raise ValueError(f"norm weight / residual of shapes {shapes} for M={m}, N={n}, K={k}")
+        raise ValueError(f"norm weight / residual of shapes {shapes} for N={n}, K={k}")
     if g is not None and gated:
         raise ValueError("a norm and gating together are not supported")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -293,12 +267,11 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
     norm, res = g is not None, residual is not None
     g, r = g if norm else x, residual if res else x
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    flags = dict(QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=res, GATED=gated)
     if m == 1:
-        _gemv_kernel[grid](x, w, s, y, g, r, n, k, eps, **flags)
+        _gemv_kernel[grid](x, w, s, y, g, r, n, k, eps, QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=res, GATED=gated)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        _gemm_kernel[grid](x, w, s, y, g, r, m, n, k, eps, **flags, BLOCK_M=block_m)
+        _gemm_kernel[grid](x, w, s, y, m, n, k, QUANT=quant, GROUP=group, BLOCK_M=block_m)
     return y
 
 
@@ -307,32 +280,30 @@ def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-# Where the norm / residual add / gating go into our kernel instead of kernels of their own (Inductor's), measured on
-# an H200 (BENCHMARKS.md):
-# - one token: for K >= FUSE_MIN_K. +2.7% tok/s on the Llama-2-7B shape (K = 4096, 11008); -1.3% on SmolLM2 (K = 576,
-#   1536), where each program's extra sum of squares and norm-weight loads cost more than the norm kernel they replace.
-# - 2-64 tokens (EAGLE trees): for K < FEW_FUSE_MAX_K (bf16 then runs our tl.dot kernel instead of cuBLAS, which is as
-#   fast on SmolLM2's shapes and faster on the 7B shape's, measured without fusions). Saves three launches per layer.
+# The norm / residual add / gating go into the one-token GEMV for inputs of K >= FUSE_MIN_K only. Measured on an H200
+# (BENCHMARKS.md): norm and residual +2.7% tok/s on the Llama-2-7B shape (K = 4096, 11008); on SmolLM2 (K = 576,
+# 1536) -1.3% once and, with the gating too, +1.0% another time (both within the noise), where each program's extra
+# sum of squares and norm-weight loads cost about what the separate kernel does. The same fusions in the few-token
+# tl.dot kernel were tried and dropped: 10 us per call against cuBLAS's 3-4 us on SmolLM2's EAGLE shapes, which made
+# an EAGLE round 40% slower.
 FUSE_MIN_K = 2048
-FEW_FUSE_MAX_K = 2048
 
 
 def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None,
               n: int, gated: bool = False) -> Tensor | None:  # fmt: skip
-    """residual + W @ norm(x) (or W @ (silu(gate) * up) for a gated x [..., 2K]) as one `wmm` on CUDA for up to MAX_M
-    tokens, or None where that does not apply (CPU, dtypes that differ, shapes the rules above leave out) and the
-    caller runs the steps apart. norm: a model.RMSNorm or None. Without any fusion asked: one token only (the GEMV)."""
+    """residual + W @ norm(x) (or W @ (silu(gate) * up) for a gated x [..., 2K]) as one `wmm` for a one-token x on
+    CUDA, or None where that does not apply (several tokens, CPU, dtypes that differ, K < FUSE_MIN_K with a fusion
+    asked) and the caller runs the steps apart. norm: a model.RMSNorm or None."""
     x2 = x.reshape(-1, x.shape[-1])
-    m, k = x2.shape[0], x2.shape[1] // (2 if gated else 1)
-    if m > MAX_M or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
+    if x2.shape[0] != 1 or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
         return None
-    fusing = norm is not None or residual is not None or gated
-    if m == 1 and fusing and k < FUSE_MIN_K or m > 1 and (not fusing or k >= FEW_FUSE_MAX_K or quant == INT4):
+    k = x2.shape[1] // (2 if gated else 1)
+    if (norm is not None or residual is not None or gated) and k < FUSE_MIN_K:
         return None
     g = None if norm is None else norm.weight
     if g is not None and g.dtype != x2.dtype or residual is not None and residual.dtype != x2.dtype:
         return None
-    r = None if residual is None else residual.reshape(m, n).contiguous()
+    r = None if residual is None else residual.reshape(1, n)
     y = wmm(x2.contiguous(), w, s, quant, group, g, norm.eps if norm is not None else 0.0, r, gated)
     return y.reshape(*x.shape[:-1], n)
 
@@ -448,8 +419,7 @@ class FewTokenLinear(torch.nn.Module):
     """A bias-free dense nn.Linear whose forward uses the Triton GEMV for one token (bf16/fp16 on CUDA) and F.linear
     otherwise. Shares the original weight Parameter (tied embeddings stay tied). One token only: in `bench.py
     --linears` the GEMV beat cuBLAS on most decode shapes (SmolLM2: 2.1-2.5 vs 3.3-4.7 us), while for 8-64 tokens
-    cuBLAS was as fast or faster (BENCHMARKS.md); `fused` takes our kernel for 2-64 tokens too, where it saves the
-    separate norm / residual / gating kernels (see FEW_FUSE_MAX_K)."""
+    cuBLAS was as fast or faster (BENCHMARKS.md)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()

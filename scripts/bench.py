@@ -412,13 +412,6 @@ def main() -> None:
         f"(default kernels.FUSE_MIN_K = {kernels.FUSE_MIN_K}; 0 = always)",
     )
     p.add_argument(
-        "--few-fuse-max-k",
-        type=int,
-        default=None,
-        help=f"2-64-token forwards (EAGLE) fuse them for inputs of < this many features (default "
-        f"kernels.FEW_FUSE_MAX_K = {kernels.FEW_FUSE_MAX_K}; 0 = never, bf16 then stays on cuBLAS)",
-    )
-    p.add_argument(
         "--compile-prefill",
         action="store_true",
         help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
@@ -430,8 +423,6 @@ def main() -> None:
     G.set_kernels(a.kernel)
     if a.fuse_min_k is not None:
         kernels.FUSE_MIN_K = a.fuse_min_k
-    if a.few_fuse_max_k is not None:
-        kernels.FEW_FUSE_MAX_K = a.few_fuse_max_k
     if a.quant:
         mode, _, g = a.quant.partition(":")
         QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
@@ -443,7 +434,6 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
-        "few_fuse_max_k": kernels.FEW_FUSE_MAX_K,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:
