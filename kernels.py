@@ -18,7 +18,12 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
 Both kernels are autotuned per (N, K, quant[, BLOCK_M]) over a few block shapes on first use, and wrapped as the
 custom op `llmgen::wmm`, so torch.compile treats a call as one opaque kernel and CUDA graphs capture it. For one
 token the GEMV can also apply the RMSNorm that precedes the matmul and add the residual that follows it
-(`fused_wmm`, used through model.linear), two fewer launches per layer.
+(`fused_wmm`, used through model.linear), two fewer launches per layer, and the SwiGLU gating before the down
+projection.
+
+Two more custom ops cut launches elsewhere: `rope_and_cache` (RoPE on q and k, k and v into their cache slots: one
+kernel per layer instead of three) and `copy_rows` (an accepted EAGLE path's KV rows moved down in every layer with
+one launch instead of one per cache tensor).
 The tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
