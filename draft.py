@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+import kernels
 from model import Block, CheckpointError, ModelArgs, Transformer, rope_table
 from tree import DynamicTree, Tree, tree_from_candidates
 
@@ -151,10 +152,14 @@ def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     chunk = min(V & -V, 1024)  # the largest power of two dividing V, at most 1024
     if chunk < 128 or V // chunk < 2 or k > chunk:
         return torch.topk(x, k, dim=-1)
-    v1, i1 = torch.topk(x.unflatten(-1, (V // chunk, chunk)), k, dim=-1, sorted=False)  # [..., V/chunk, k]
-    i1 = i1 + torch.arange(0, V, chunk, device=x.device)[:, None]
+    if kernels.TRITON_TOPK and kernels.available(x) and k <= 16:  # first pass in one Triton launch (opt-in)
+        v1, i1 = kernels.chunk_topk(x.reshape(-1, V).contiguous(), k, chunk)  # [rows, V/chunk, k]
+        v1, i1 = v1.view(*x.shape[:-1], V // chunk, k), i1.view(*x.shape[:-1], V // chunk, k)
+    else:
+        v1, i1 = torch.topk(x.unflatten(-1, (V // chunk, chunk)), k, dim=-1, sorted=False)  # [..., V/chunk, k]
+        i1 = i1 + torch.arange(0, V, chunk, device=x.device)[:, None]
     v2, i2 = torch.topk(v1.flatten(-2), k, dim=-1)  # [..., k]
-    return v2, i1.flatten(-2).gather(-1, i2)
+    return v2.to(x.dtype), i1.flatten(-2).gather(-1, i2)
 
 
 def top_logp(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -388,6 +388,50 @@ def rope_and_cache(qkv: Tensor, rope: Tensor, cache_pos: Tensor, k_cache: Tensor
     return _rope_cache(qkv.reshape(S, -1).contiguous(), rope.contiguous(), cache_pos, k_cache, v_cache, n_heads)[None]
 
 
+if triton is not None:
+
+    @triton.jit
+    def _chunk_topk_kernel(x_ptr, v_ptr, i_ptr, V, K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr):
+        """Program (r, c): the K largest entries of x[r, c*CHUNK:(c+1)*CHUNK], largest first, as float32 values and
+        indices into the row, by K rounds of max / argmax / mask-out in registers."""
+        r, c = tl.program_id(0), tl.program_id(1)
+        rc, rk = tl.arange(0, CHUNK), tl.arange(0, K_PAD)
+        x = tl.load(x_ptr + r.to(tl.int64) * V + c * CHUNK + rc).to(tl.float32)
+        vals = tl.full((K_PAD,), float("-inf"), tl.float32)
+        idxs = tl.zeros((K_PAD,), tl.int64)
+        for j in tl.static_range(K):
+            best = tl.argmax(x, 0)  # the first of equal maxima
+            vals = tl.where(rk == j, tl.max(x, 0), vals)
+            idxs = tl.where(rk == j, c * CHUNK + best, idxs)
+            x = tl.where(rc == best, float("-inf"), x)
+        out = (r * tl.num_programs(1) + c) * K + rk
+        tl.store(v_ptr + out, vals, mask=rk < K)
+        tl.store(i_ptr + out, idxs, mask=rk < K)
+
+
+@torch.library.custom_op("llmgen::chunk_topk", mutates_args=())
+def chunk_topk(x: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """x [R, V] (V a multiple of chunk, a power of two) -> the top k of every chunk: float32 values and int64 indices
+    into the row, both [R, V / chunk, k], largest first. One launch; the first pass of draft.top_k (opt-in:
+    TRITON_TOPK)."""
+    R, V = x.shape
+    v = torch.empty(R, V // chunk, k, dtype=torch.float32, device=x.device)
+    i = torch.empty(R, V // chunk, k, dtype=torch.int64, device=x.device)
+    _chunk_topk_kernel[(R, V // chunk)](x, v, i, V, K=k, K_PAD=max(2, triton.next_power_of_2(k)), CHUNK=chunk)
+    return v, i
+
+
+@chunk_topk.register_fake
+def _(x, k, chunk):
+    shape = (x.size(0), x.size(1) // chunk, k)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64)
+
+
+# draft.top_k's first pass through chunk_topk instead of torch.topk: not measured on a GPU yet, so off by default.
+# The measured kernel table (BENCHMARKS.md, fourth session) shows torch's one-block top-k at 11-18 us per call.
+TRITON_TOPK = False
+
+
 _TABLES: dict[tuple, Tensor] = {}  # the device-side address table of each list of caches seen (built outside capture)
 _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 

@@ -412,6 +412,11 @@ def main() -> None:
         f"(default kernels.FUSE_MIN_K = {kernels.FUSE_MIN_K}; 0 = always)",
     )
     p.add_argument(
+        "--triton-topk",
+        action="store_true",
+        help="the draft's top-k first pass as one Triton kernel (kernels.chunk_topk; off by default until measured)",
+    )
+    p.add_argument(
         "--compile-prefill",
         action="store_true",
         help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
@@ -421,6 +426,7 @@ def main() -> None:
     PROFILE_DIR = Path(a.profile) if a.profile else None
     KERNEL, COMPILE_PREFILL, FUSED = a.kernel, a.compile_prefill, a.fused
     G.set_kernels(a.kernel)
+    kernels.TRITON_TOPK = a.triton_topk
     if a.fuse_min_k is not None:
         kernels.FUSE_MIN_K = a.fuse_min_k
     if a.quant:
@@ -433,7 +439,7 @@ def main() -> None:
     res = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
-        "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
+        "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:

@@ -266,6 +266,30 @@ def check_rope_cache():
     print("rope_cache ok")
 
 
+def check_chunk_topk():
+    """The first pass of draft.top_k in one launch: per chunk the same values as torch.topk, largest first, indices
+    into the row; and draft.top_k through it (TRITON_TOPK) equals torch.topk, ties included in the values."""
+    import draft as Dr  # noqa: PLC0415
+
+    torch.manual_seed(9)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 4096).to(dtype)
+        x[1, 100:110] = 5.0  # ten equal maxima in one chunk
+        v, i = K.chunk_topk(x, 10, 1024)
+        ref = torch.topk(x.float().view(3, 4, 1024), 10, dim=-1)
+        assert torch.equal(v, ref.values) and v.shape == (3, 4, 10)
+        assert torch.equal(x.float().gather(1, i.view(3, -1)).view(3, 4, 10), v)  # indices point at the values
+        real, flag = K.available, K.TRITON_TOPK
+        K.available, K.TRITON_TOPK = (lambda t: True), True
+        try:
+            tv, ti = Dr.top_k(x.view(3, 4096), 10)
+        finally:
+            K.available, K.TRITON_TOPK = real, flag
+        ref = torch.topk(x, 10)
+        assert torch.equal(tv, ref.values) and torch.equal(x.gather(1, ti), ref.values)
+    print("chunk_topk ok")
+
+
 if __name__ == "__main__":
     assert K.INTERPRET and K.triton is not None
     check_all_configs()
@@ -276,3 +300,4 @@ if __name__ == "__main__":
     check_fused()
     check_copy_rows()
     check_rope_cache()
+    check_chunk_topk()
