@@ -10,7 +10,9 @@ Draft position i consumes the pair (f_i, t_{i+1}) at RoPE position i. The head's
 (slots 0..T-1, one per position, always recomputed from the target's true features of accepted tokens) and a scratch
 region (slots T..T+N-2, one per tree node) where tree expansion writes and which is thrown away every round.
 
-Saved as <dir>/model.safetensors + <dir>/config.json ({"args": ModelArgs fields, "fc_bias": bool}).
+Saved as <dir>/model.safetensors + <dir>/config.json ({"args": ModelArgs fields, "fc_bias": bool}), and optionally
+<dir>/draft_vocab.safetensors ({"ids": token ids by decreasing frequency in the training data, "counts"}), written by
+scripts/draft_vocab.py, from which `restrict_vocab` takes a draft vocabulary.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
@@ -36,6 +39,8 @@ class EagleHead(nn.Module):
         self.layer.attention_norm = nn.Identity()  # EAGLE-1: the input feature is already normalised
         self.committed_slots = 0
         self.register_buffer("rope", torch.empty(0, 2, args.head_dim), persistent=False)
+        self.register_buffer("vocab", None, persistent=False)  # draft vocabulary [V'] (restrict_vocab); None = all
+        self.register_buffer("vocab_rows", None, persistent=False)  # the target LM head's rows for it: [V', D]
 
     def setup_cache(self, committed_slots: int, scratch_slots: int) -> None:
         from model import KVCache  # noqa: PLC0415
@@ -50,6 +55,32 @@ class EagleHead(nn.Module):
         # emb, feats: [1, S, D]; input_pos, cache_pos: [S]; mask: [1, 1, S, slots] -> predicted features [1, S, D]
         x = self.fc(torch.cat([emb, feats], dim=-1))
         return self.layer(x, self.rope[input_pos], cache_pos, mask)
+
+    def restrict_vocab(self, ids: Tensor | None, target: Transformer) -> None:
+        """Draft only among the tokens `ids` [V'] (EAGLE-3's draft vocabulary): each draft step's LM-head product and
+        top-k then cover V' instead of V entries. Lossless (the target verifies whatever is drafted); tokens outside
+        are never proposed, so tau drops by about the share of the target's tokens they make up. None = all tokens.
+        The target's LM-head rows for `ids` are copied once (dequantized if the target's head is quantized)."""
+        if ids is None:
+            self.vocab = self.vocab_rows = None
+            return
+        dtype, out = self.fc.weight.dtype, target.output
+        if hasattr(out, "dequantize"):  # int4
+            w = out.dequantize(dtype)
+        elif out.weight.dtype == torch.int8:
+            w = out.weight.to(dtype) * out.scales.to(dtype)[:, None]
+        else:
+            w = out.weight
+        ids = ids.to(device=w.device, dtype=torch.long).sort().values
+        self.vocab, self.vocab_rows = ids, w[ids].to(dtype).contiguous()
+
+    def logits(self, target: Transformer, y: Tensor) -> Tensor:
+        """Draft logits for predicted features y [..., D]: over the draft vocabulary [..., V'] if one is set, else the
+        target's LM head [..., V]. Map top-k positions back to token ids with `token_ids`."""
+        return target.output(y) if self.vocab is None else F.linear(y, self.vocab_rows)
+
+    def token_ids(self, idx: Tensor) -> Tensor:
+        return idx if self.vocab is None else self.vocab[idx]
 
     def prefill(self, target: Transformer, tokens: Tensor, feats: Tensor) -> None:
         """Fill committed slots 0..S-1 with pairs (feats[i], tokens[i]). tokens: [1, S]; feats: [1, S, D]."""
@@ -69,7 +100,7 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
     committed = torch.arange(head.committed_slots, device=tokens.device) < L  # [committed slots]
     # 1) Catch-up: the root's predicted feature, and its top-K children.
     prev_feats, root = catch_up(head, target, L, tokens, feats, n)
-    prev_ids = top_k(target.output(prev_feats), tree.K)[1].flatten()  # [K]
+    prev_ids = head.token_ids(top_k(head.logits(target, prev_feats), tree.K)[1]).flatten()  # [K]
 
     # 2) Expansion: at step d the depth-d nodes that have children are fed at position L+d-1, each with its parent's
     #    predicted feature, into its own scratch slot; it sees the committed prefix and its scratch ancestors.
@@ -89,7 +120,7 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
         pos_d = (L + d - 1).expand(F_)
         y = head(target.tok_embeddings(x_tok)[None], x_feat[None], pos_d, scratch, mask[None, None])[0]  # [F, D]
         prev_feats = y
-        prev_ids = top_k(target.output(y), tree.K)[1].flatten()  # [F * K]
+        prev_ids = head.token_ids(top_k(head.logits(target, y), tree.K)[1]).flatten()  # [F * K]
     return torch.cat(node_tokens)
 
 
@@ -117,7 +148,8 @@ def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, 
     K, dev = tree.K, tokens.device
     committed = (torch.arange(head.committed_slots, device=dev) < L)[None].expand(K, -1)  # [K, committed]
     root_feat, root = catch_up(head, target, L, tokens, feats, n)
-    f_score, f_tok = (t[0] for t in top_logp(target.output(root_feat), K))  # the frontier: [K]
+    f_score, f_tok = (t[0] for t in top_logp(head.logits(target, root_feat), K))  # the frontier: [K]
+    f_tok = head.token_ids(f_tok)
     f_feat, f_cand = root_feat.expand(K, -1), torch.arange(K, device=dev)  # parent feature, candidate index
     f_anc = torch.zeros(K, (tree.D - 1) * K, dtype=torch.bool, device=dev)  # scratch rows each frontier row sees
     scores, cand_tokens, parents = [f_score], [f_tok], [torch.full((K,), -1, device=dev)]
@@ -128,7 +160,8 @@ def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, 
         scratch = head.committed_slots + (i - 1) * K + rows
         mask = torch.cat([committed, f_anc], dim=1)[None, None]  # [1, 1, K, slots]
         y = head(target.tok_embeddings(f_tok)[None], f_feat[None], (L + i - 1).expand(K), scratch, mask)[0]  # [K, D]
-        logp, ids = top_logp(target.output(y), K)  # children of each frontier row: [K, K]
+        logp, ids = top_logp(head.logits(target, y), K)  # children of each frontier row: [K, K]
+        ids = head.token_ids(ids)
         cu = (f_score[:, None] + logp).flatten()  # cumulative log-probability: [K*K]
         offset = K + (i - 1) * K * K  # candidate index of this step's first child
         scores.append(cu)
@@ -183,6 +216,27 @@ def save_head(head: EagleHead, folder: str | Path, extra: dict | None = None) ->
     (folder / "model.safetensors.tmp").replace(folder / "model.safetensors")
     cfg = {"args": head.args.to_dict(), "fc_bias": head.fc_bias, **(extra or {})}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+VOCAB_FILE = "draft_vocab.safetensors"
+
+
+def load_draft_vocab(folder: str | Path, size: int, vocab_size: int) -> Tensor:
+    """The `size` most frequent token ids of the head's training data (scripts/draft_vocab.py wrote them)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    path = Path(folder) / VOCAB_FILE
+    if not path.is_file():
+        raise HeadError(f"no draft vocabulary at {path} (scripts/draft_vocab.py writes one from the training data)")
+    try:
+        ids = load_file(str(path))["ids"]
+    except Exception as e:  # noqa: BLE001
+        raise HeadError(f"cannot read {path}: {e}") from None
+    if ids.dim() != 1 or ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise HeadError(f"{path} does not fit a vocabulary of {vocab_size} tokens")
+    if not 16 <= size <= ids.numel():
+        raise HeadError(f"draft vocabulary size {size}: {path} holds {ids.numel()} ids; pick 16 .. {ids.numel()}")
+    return ids[:size]
 
 
 def load_head(folder: str | Path, target_args: ModelArgs, device="cpu", dtype=torch.float32) -> EagleHead:

@@ -28,7 +28,7 @@ import generate as G  # noqa: E402
 import kernels  # noqa: E402
 import model as M  # noqa: E402
 import tree as T  # noqa: E402
-from draft import EagleHead, load_head  # noqa: E402
+from draft import EagleHead, load_draft_vocab, load_head  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 SMOLLM2 = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -319,7 +319,7 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
     return out
 
 
-def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new: int) -> dict:
+def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new: int, draft_vocab: int = 0) -> dict:
     """Real SmolLM2 on MT-bench first turns, greedy: plain compiled vs EAGLE, same run; tau per category."""
     model, tok = load("smollm2")
     questions = G.read_prompts(str(MT_BENCH))[:n_prompts]
@@ -338,6 +338,9 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         "seconds": sum(r.seconds for r in runs), "tokens": sum(len(r.output_ids) for r in runs),
     }  # fmt: skip
     head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
+    if draft_vocab:
+        head.restrict_vocab(load_draft_vocab(head_dir, draft_vocab, model.args.vocab_size), model)
+        res["draft_vocab"] = draft_vocab
     apply_kernel_choice(head)
     for spec in tree_specs:
         split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
@@ -412,6 +415,13 @@ def main() -> None:
         f"(default kernels.FUSE_MIN_K = {kernels.FUSE_MIN_K}; 0 = always)",
     )
     p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--mt-bench: draft among the head's N most frequent tokens (as generate.py --draft-vocab)",
+    )
+    p.add_argument(
         "--triton-topk",
         action="store_true",
         help="the draft's top-k first pass as one Triton kernel (kernels.chunk_topk; off by default until measured)",
@@ -458,7 +468,9 @@ def main() -> None:
                 res[f"rounds_{name}_{spec}"] = r
                 print(json.dumps(r), flush=True)
     if a.mt_bench:
-        res["mt_bench"] = bench_mt_bench(a.eagle, a.tree or ["default", "chain:5"], a.prompts, a.max_new_tokens or 256)
+        res["mt_bench"] = bench_mt_bench(
+            a.eagle, a.tree or ["default", "chain:5"], a.prompts, a.max_new_tokens or 256, a.draft_vocab
+        )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
 import tree as T  # noqa: E402
-from draft import load_head  # noqa: E402
+from draft import load_draft_vocab, load_head  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -35,11 +35,14 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=list(G.DTYPES))
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N", help="as generate.py --draft-vocab")
     p.add_argument("--out", default=None, help="also write the JSON lines here")
     a = p.parse_args()
     try:
         model = M.load_model(a.checkpoint, device=a.device, dtype=G.DTYPES[a.dtype])
         head = load_head(a.eagle, model.args, a.device, G.DTYPES[a.dtype])
+        if a.draft_vocab:
+            head.restrict_vocab(load_draft_vocab(a.eagle, a.draft_vocab, model.args.vocab_size), model)
         tree = T.parse_dynamic_spec(a.tree) or T.build_tree(T.parse_tree_spec(a.tree))
     except (M.CheckpointError, T.TreeError) as e:
         sys.exit(f"error: {e}")
@@ -63,7 +66,7 @@ def main() -> None:
         lines.append(line)
     summary = {"questions": len(questions), "identical": same, "tau": sum(x["tau"] for x in lines) / len(lines),
                "tokens_per_round": (toks - len(prompts)) / max(rounds, 1), "device": a.device, "dtype": a.dtype,
-               "tree": a.tree,
+               "tree": a.tree, "draft_vocab": a.draft_vocab or None,
                "plain_tokens_per_s": toks / t_plain, "eagle_tokens_per_s": toks / t_eagle}  # fmt: skip
     print(json.dumps(summary), flush=True)
     if a.out:

@@ -411,3 +411,45 @@ def test_two_pass_top_k_matches_torch_topk():
         ):
             assert torch.equal(b, ref.indices)
             torch.testing.assert_close(a, ref.values)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("spec", ["default", "eagle2:K=4,D=4,N=12"])
+def test_draft_vocabulary_stays_lossless_and_drafts_only_its_tokens(tiny_ckpt, spec):
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    model = load(tiny_ckpt)
+    head = random_head(args, 5)
+    ids = torch.randperm(args.vocab_size, generator=torch.Generator().manual_seed(0))[:100]
+    head.restrict_vocab(ids, model)
+    assert head.vocab_rows.shape == (100, args.dim)
+    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    gen = G.EagleGenerator(model, head, tree, G.Sampling(), 200)
+    for prompt, max_new in [(PROMPT, 30), ([7], 9)]:
+        assert gen.generate(prompt, max_new, set(), True).output_ids == plain_greedy(tiny_ckpt, prompt, max_new)
+        assert torch.isin(gen.state.node_tokens[1:], ids).all()  # the last round's drafts (the root is emitted)
+    head.restrict_vocab(None, model)
+    assert head.vocab is None and head.logits(model, torch.ones(1, args.dim)).shape == (1, args.vocab_size)
+
+
+def test_draft_vocab_script_and_cli(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    Dr.save_head(random_head(args), tmp_path / "head")
+    r = run_cli("--checkpoint", str(tiny_ckpt), "--eagle", str(tmp_path / "head"), "--draft-vocab", "20")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no draft vocabulary" in r.stderr
+    tokens = torch.cat([torch.full((40 - i,), i) for i in range(40)] + [torch.full((50,), 300)])  # 300: masked out
+    mask = torch.cat([torch.ones(820, dtype=torch.uint8), torch.zeros(50, dtype=torch.uint8)])
+    data = {"tokens": tokens.int(), "offsets": torch.tensor([0, 870]), "loss_mask": mask, "meta": {}}
+    torch.save(data, tmp_path / "data.pt")
+    script = str(ROOT / "scripts" / "draft_vocab.py")
+    r = subprocess.run([sys.executable, script, "--data", str(tmp_path / "data.pt"), "--head", str(tmp_path / "head")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    saved = load_file(str(tmp_path / "head" / Dr.VOCAB_FILE))
+    assert saved["ids"].tolist() == list(range(40)) and saved["counts"].tolist() == list(range(40, 0, -1))
+    for size, ok in (("20", True), ("8", False), ("41", False)):
+        r = run_cli("--checkpoint", str(tiny_ckpt), "--eagle", str(tmp_path / "head"), "--draft-vocab", size,
+                    "--prompt", "hi", "--max-new-tokens", "5")  # fmt: skip
+        assert (r.returncode == 0) == ok and "Traceback" not in r.stderr, r.stderr
+    assert Dr.load_draft_vocab(tmp_path / "head", 20, args.vocab_size).tolist() == list(range(20))
