@@ -254,14 +254,18 @@ def test_head_save_load_roundtrip(tmp_path, tiny_ckpt):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("spec", ["default", "eagle2:K=3,D=3,N=10"])
+@pytest.mark.parametrize("spec", ["default", "eagle2:K=3,D=3,N=10", "default+vocab"])
 def test_eagle_compiles_without_recompiles(tiny_ckpt, spec):
     import torch._dynamo
 
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
     torch._dynamo.reset()
+    head, model = random_head(args), load(tiny_ckpt)
+    if spec.endswith("+vocab"):  # a draft vocabulary: the draft's LM head over its rows only
+        spec = spec.removesuffix("+vocab")
+        head.restrict_vocab(torch.arange(0, args.vocab_size, 3), model)
     tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
-    gen = G.EagleGenerator(load(tiny_ckpt), random_head(args), tree, G.Sampling(), 100, True, compile_prefill=True)
+    gen = G.EagleGenerator(model, head, tree, G.Sampling(), 100, True, compile_prefill=True)
     ref = plain_greedy(tiny_ckpt, PROMPT, 20)
     assert gen.generate(PROMPT, 20, set(), True).output_ids == ref
     with torch._dynamo.config.patch(error_on_recompile=True):  # new prompt lengths: target + head prefill too
