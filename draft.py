@@ -65,12 +65,7 @@ class EagleHead(nn.Module):
             self.vocab = self.vocab_rows = None
             return
         dtype, out = self.fc.weight.dtype, target.output
-        if hasattr(out, "dequantize"):  # int4
-            w = out.dequantize(dtype)
-        elif out.weight.dtype == torch.int8:
-            w = out.weight.to(dtype) * out.scales.to(dtype)[:, None]
-        else:
-            w = out.weight
+        w = out.dequantize(dtype) if hasattr(out, "dequantize") else out.weight  # quantize.py's modules dequantize
         ids = ids.to(device=w.device, dtype=torch.long).sort().values
         self.vocab, self.vocab_rows = ids, w[ids].to(dtype).contiguous()
 
@@ -237,6 +232,12 @@ def load_draft_vocab(folder: str | Path, size: int, vocab_size: int) -> Tensor:
     if not 16 <= size <= ids.numel():
         raise HeadError(f"draft vocabulary size {size}: {path} holds {ids.numel()} ids; pick 16 .. {ids.numel()}")
     return ids[:size]
+
+
+def apply_draft_vocab(head: EagleHead, folder: str | Path, size: int, target: Transformer) -> None:
+    """`--draft-vocab size`: restrict the head to the `size` most frequent ids stored beside it; 0 = all tokens."""
+    if size:
+        head.restrict_vocab(load_draft_vocab(folder, size, target.args.vocab_size), target)
 
 
 def load_head(folder: str | Path, target_args: ModelArgs, device="cpu", dtype=torch.float32) -> EagleHead:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 import kernels
 import quantize
-from draft import EagleHead, draft_dynamic_tree, draft_tree, load_draft_vocab, load_head
+from draft import EagleHead, apply_draft_vocab, draft_dynamic_tree, draft_tree, load_head
 from model import CheckpointError, Transformer, load_model
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError, load_tokenizer
 from tree import DynamicTree, Tree, TreeError, build_tree, parse_dynamic_spec, parse_tree_spec, target_tree_mask, verify
@@ -794,8 +794,8 @@ def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
         raise UserError(str(e)) from None
     head_dir = find_head(folder) if a.eagle == "auto" else Path(a.eagle)
     head = load_head(head_dir, model.args, model.norm.weight.device, model.norm.weight.dtype)
+    apply_draft_vocab(head, head_dir, a.draft_vocab, model)
     if a.draft_vocab:
-        head.restrict_vocab(load_draft_vocab(head_dir, a.draft_vocab, model.args.vocab_size), model)
         log(f"draft vocabulary: the {a.draft_vocab} most frequent tokens of the head's training data")
     if model.norm.weight.device.type == "cuda":
         use_kernels(a.kernels, head)

@@ -218,6 +218,10 @@ class WeightOnlyInt8Linear(nn.Module):
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
 
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """The weight as a dense [out, in] tensor."""
+        return dequantize_int8(self.weight, self.scales, dtype)
+
     def fused(self, x: Tensor, norm, residual: Tensor | None, gated: bool = False) -> Tensor | None:
         """residual + self(norm(x)) (or of silu(gate) * up) in one kernel (kernel "triton"), else None (see
         model.linear)."""

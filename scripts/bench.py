@@ -28,7 +28,7 @@ import generate as G  # noqa: E402
 import kernels  # noqa: E402
 import model as M  # noqa: E402
 import tree as T  # noqa: E402
-from draft import EagleHead, load_draft_vocab, load_head  # noqa: E402
+from draft import EagleHead, apply_draft_vocab, load_head  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 SMOLLM2 = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -338,9 +338,8 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         "seconds": sum(r.seconds for r in runs), "tokens": sum(len(r.output_ids) for r in runs),
     }  # fmt: skip
     head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
-    if draft_vocab:
-        head.restrict_vocab(load_draft_vocab(head_dir, draft_vocab, model.args.vocab_size), model)
-        res["draft_vocab"] = draft_vocab
+    apply_draft_vocab(head, head_dir, draft_vocab, model)
+    res["draft_vocab"] = draft_vocab or None
     apply_kernel_choice(head)
     for spec in tree_specs:
         split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
 import tree as T  # noqa: E402
-from draft import load_draft_vocab, load_head  # noqa: E402
+from draft import apply_draft_vocab, load_head  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -41,8 +41,7 @@ def main() -> None:
     try:
         model = M.load_model(a.checkpoint, device=a.device, dtype=G.DTYPES[a.dtype])
         head = load_head(a.eagle, model.args, a.device, G.DTYPES[a.dtype])
-        if a.draft_vocab:
-            head.restrict_vocab(load_draft_vocab(a.eagle, a.draft_vocab, model.args.vocab_size), model)
+        apply_draft_vocab(head, a.eagle, a.draft_vocab, model)
         tree = T.parse_dynamic_spec(a.tree) or T.build_tree(T.parse_tree_spec(a.tree))
     except (M.CheckpointError, T.TreeError) as e:
         sys.exit(f"error: {e}")

@@ -457,3 +457,19 @@ def test_draft_vocab_script_and_cli(tiny_ckpt, tmp_path):
                     "--prompt", "hi", "--max-new-tokens", "5")  # fmt: skip
         assert (r.returncode == 0) == ok and "Traceback" not in r.stderr, r.stderr
     assert Dr.load_draft_vocab(tmp_path / "head", 20, args.vocab_size).tolist() == list(range(20))
+
+
+def test_draft_vocabulary_rows_from_a_quantized_lm_head(tiny_ckpt):
+    import quantize as Q
+
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    model = load(tiny_ckpt)
+    q, s = Q.quantize_int8(model.output.weight.detach())
+    i8 = Q.WeightOnlyInt8Linear(args.dim, args.vocab_size)
+    i8.weight, i8.scales = q, s
+    i8.prepare(torch.float32, "torch")
+    model.output = i8
+    head = random_head(args)
+    ids = torch.tensor([9, 1, 5, *range(20, 40)])
+    head.restrict_vocab(ids, model)
+    torch.testing.assert_close(head.vocab_rows, Q.dequantize_int8(q, s)[ids.sort().values])
