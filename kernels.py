@@ -44,6 +44,12 @@ MAX_M = 64  # larger inputs (prefill) go to the dense path of the caller
 NONE, INT8, INT4 = 0, 1, 2
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Programmatic dependent launch (Hopper and newer; `set_pdl`): every kernel here is launched with launch_pdl and starts
+# with griddepcontrol.wait (it waits until the kernel before it has finished and its writes are visible) followed by
+# griddepcontrol.launch_dependents (the kernel after it may be launched now). So launching the next kernel overlaps
+# the end of this one instead of following it. Off by default; bench.py --pdl measures it.
+PDL = False
+
 
 def available(x: Tensor) -> bool:
     """Whether the Triton path can run for activations like x (CUDA, 16-bit floats, triton installed)."""
@@ -106,6 +112,13 @@ if triton is not None:
         z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
         return _as_float(b >> 4, 0, 8) * s + z, _as_float(b & 15, 0, 8) * s + z
 
+    @triton.jit
+    def _pdl_start(PDL: tl.constexpr):
+        """First statement of every kernel: with PDL, wait for the previous kernel, then let the next one launch."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
     _TUNE = {"prune_configs_by": {"early_config_prune": _prune}, "do_bench": _fast_bench}
 
     @triton.jit
@@ -133,11 +146,13 @@ if triton is not None:
         NORM: tl.constexpr,  # y = W (g * x * rsqrt(mean(x^2) + eps)): the RMSNorm before the matmul, fused
         RESIDUAL: tl.constexpr,  # y += r: the residual add after it
         GATED: tl.constexpr,  # x = [gate | up], the input is silu(gate) * up: the SwiGLU before the down projection
+        PDL: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         """Every program reads all of x anyway, so the norm costs it a sum of squares and a multiply by g per
         chunk, and one scale at the end (the rsqrt is the same for every output row)."""
+        _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         if QUANT == 2:  # chunks of [BLOCK_N rows, NG groups, HG bytes] (see _int4_chunk)
@@ -195,10 +210,12 @@ if triton is not None:
         K,
         QUANT: tl.constexpr,
         GROUP: tl.constexpr,
+        PDL: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
+        _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
@@ -273,10 +290,11 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
     g, r = g if norm else x, residual if res else x
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:
-        _gemv_kernel[grid](x, w, s, y, g, r, n, k, eps, QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=res, GATED=gated)
+        _gemv_kernel[grid](x, w, s, y, g, r, n, k, eps, QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=res, GATED=gated,
+                           PDL=PDL, launch_pdl=PDL)  # fmt: skip
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        _gemm_kernel[grid](x, w, s, y, m, n, k, QUANT=quant, GROUP=group, BLOCK_M=block_m)
+        _gemm_kernel[grid](x, w, s, y, m, n, k, QUANT=quant, GROUP=group, PDL=PDL, BLOCK_M=block_m, launch_pdl=PDL)
     return y
 
 
@@ -316,8 +334,10 @@ def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, no
 if triton is not None:
 
     @triton.jit
-    def _copy_rows_kernel(table, src_ptr, dst_ptr, R, T, HD: tl.constexpr, R_PAD: tl.constexpr, DT: tl.constexpr):
+    def _copy_rows_kernel(table, src_ptr, dst_ptr, R, T, HD: tl.constexpr, R_PAD: tl.constexpr, DT: tl.constexpr,
+                          PDL: tl.constexpr):  # fmt: skip
         """Program (c, h): rows src -> dst of head h of cache c, all rows read before any is written."""
+        _pdl_start(PDL)
         base = tl.load(table + tl.program_id(0)).to(tl.pointer_type(DT))  # cache c's address
         base += tl.program_id(1).to(tl.int64) * T * HD
         rj, rd = tl.arange(0, R_PAD), tl.arange(0, HD)
@@ -333,9 +353,10 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, rope_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, S, T, H: tl.constexpr, KV: tl.constexpr,
-                           HD: tl.constexpr):  # fmt: skip
+                           HD: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         """Program (s, h): head h of token s. h < H: q, rotated, to q [H, S, HD]; else k head h - H, rotated, and v
         head h - H to their cache slot pos[s]. Rotate-half RoPE in float32: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+        _pdl_start(PDL)
         s, h = tl.program_id(0), tl.program_id(1)
         rd = tl.arange(0, HD // 2)
         row = qkv_ptr + s * (H + 2 * KV) * HD  # token s: [q heads | k heads | v heads]
@@ -360,7 +381,8 @@ if triton is not None:
 def _rope_cache(qkv: Tensor, rope: Tensor, cache_pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int) -> Tensor:
     S, KV, T, hd = qkv.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3)
     q = torch.empty(n_heads, S, hd, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(S, n_heads + KV)](qkv, rope, cache_pos, q, k_cache, v_cache, S, T, n_heads, KV, hd)
+    grid = (S, n_heads + KV)
+    _rope_cache_kernel[grid](qkv, rope, cache_pos, q, k_cache, v_cache, S, T, n_heads, KV, hd, PDL, launch_pdl=PDL)
     return q
 
 
@@ -388,12 +410,34 @@ def rope_and_cache(qkv: Tensor, rope: Tensor, cache_pos: Tensor, k_cache: Tensor
     return _rope_cache(qkv.reshape(S, -1).contiguous(), rope.contiguous(), cache_pos, k_cache, v_cache, n_heads)[None]
 
 
+@torch.library.custom_op("llmgen::rope_rows", mutates_args=())
+def _rope_rows(table: Tensor, input_pos: Tensor, cache_pos: Tensor) -> tuple[Tensor, Tensor]:
+    return table[input_pos], cache_pos.clone()
+
+
+@_rope_rows.register_fake
+def _(table, input_pos, cache_pos):
+    return table.new_empty(input_pos.size(0), *table.shape[1:]), torch.empty_like(cache_pos)
+
+
+def rope_rows(table: Tensor, input_pos: Tensor, cache_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """(table[input_pos], cache_pos) as buffers of their own, made once per forward, for every layer's
+    `rope_and_cache`. Under torch.compile an opaque op's inputs are materialized for each call, so without this the
+    positions (computed in the compiled EAGLE round, e.g. L + arange(N)) and the RoPE rows were made again in every
+    layer: one extra kernel per layer. On CPU (no rope_and_cache) the plain gather."""
+    if not table.is_cuda or triton is None:
+        return table[input_pos], cache_pos
+    return _rope_rows(table, input_pos, cache_pos)
+
+
 if triton is not None:
 
     @triton.jit
-    def _chunk_topk_kernel(x_ptr, v_ptr, i_ptr, V, K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    def _chunk_topk_kernel(x_ptr, v_ptr, i_ptr, V, K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                           PDL: tl.constexpr):  # fmt: skip
         """Program (r, c): the K largest entries of x[r, c*CHUNK:(c+1)*CHUNK], largest first, as float32 values and
         indices into the row, by K rounds of max / argmax / mask-out in registers."""
+        _pdl_start(PDL)
         r, c = tl.program_id(0), tl.program_id(1)
         rc, rk = tl.arange(0, CHUNK), tl.arange(0, K_PAD)
         x = tl.load(x_ptr + r.to(tl.int64) * V + c * CHUNK + rc).to(tl.float32)
@@ -417,7 +461,8 @@ def chunk_topk(x: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
     R, V = x.shape
     v = torch.empty(R, V // chunk, k, dtype=torch.float32, device=x.device)
     i = torch.empty(R, V // chunk, k, dtype=torch.int64, device=x.device)
-    _chunk_topk_kernel[(R, V // chunk)](x, v, i, V, K=k, K_PAD=max(2, triton.next_power_of_2(k)), CHUNK=chunk)
+    k_pad = max(2, triton.next_power_of_2(k))
+    _chunk_topk_kernel[(R, V // chunk)](x, v, i, V, K=k, K_PAD=k_pad, CHUNK=chunk, PDL=PDL, launch_pdl=PDL)
     return v, i
 
 
@@ -455,7 +500,8 @@ def copy_rows(caches: list[Tensor], src: Tensor, dst: Tensor) -> None:
         table = _TABLES[key] = torch.tensor(key, dtype=torch.int64, device=c0.device)
     dt = getattr(tl, _TL_DTYPES[c0.dtype])
     grid = (len(caches), c0.size(0) * c0.size(1))
-    _copy_rows_kernel[grid](table, src, dst, R, c0.size(2), HD=hd, R_PAD=max(2, triton.next_power_of_2(R)), DT=dt)
+    r_pad = max(2, triton.next_power_of_2(R))
+    _copy_rows_kernel[grid](table, src, dst, R, c0.size(2), HD=hd, R_PAD=r_pad, DT=dt, PDL=PDL, launch_pdl=PDL)
 
 
 def int4_layout(scales_and_zeros: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -465,31 +511,49 @@ def int4_layout(scales_and_zeros: Tensor, dtype: torch.dtype = torch.bfloat16) -
 
 
 class FewTokenLinear(torch.nn.Module):
-    """A bias-free dense nn.Linear whose forward uses the Triton GEMV for one token (bf16/fp16 on CUDA) and F.linear
-    otherwise. Shares the original weight Parameter (tied embeddings stay tied). One token only: in `bench.py
-    --linears` the GEMV beat cuBLAS on most decode shapes (SmolLM2: 2.1-2.5 vs 3.3-4.7 us), while for 8-64 tokens
-    cuBLAS was as fast or faster (BENCHMARKS.md)."""
+    """A bias-free dense nn.Linear whose forward uses the Triton GEMV for one token (bf16/fp16 on CUDA), the Triton
+    few-token kernel for 2..max_m tokens, and F.linear otherwise. Shares the original weight Parameter (tied embeddings
+    stay tied). max_m = 1 by default: in `bench.py --linears` the GEMV beat cuBLAS on most decode shapes (SmolLM2:
+    2.1-2.5 vs 3.3-4.7 us), while for 8-64 tokens cuBLAS was as fast or faster (BENCHMARKS.md)."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, max_m: int = 1):
         super().__init__()
         self.weight = linear.weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.max_m = linear.in_features, linear.out_features, max_m
 
     def forward(self, x: Tensor) -> Tensor:
         y = fused_wmm(x, self.weight, None, NONE, 0, None, None, self.out_features)
-        return y if y is not None else torch.nn.functional.linear(x, self.weight)
+        if y is not None:
+            return y
+        x2 = x.reshape(-1, self.in_features)
+        if 1 < x2.shape[0] <= self.max_m and available(x2) and x2.dtype == self.weight.dtype:
+            return wmm(x2.contiguous(), self.weight, None, NONE, 0).reshape(*x.shape[:-1], self.out_features)
+        return torch.nn.functional.linear(x, self.weight)
 
     def fused(self, x: Tensor, norm, residual: Tensor | None, gated: bool = False) -> Tensor | None:
         """residual + self(norm(x)) (or of silu(gate) * up) in one kernel on CUDA, else None (see model.linear)."""
         return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features, gated)
 
 
-def use_triton_linears(model: torch.nn.Module) -> int:
-    """Swap every bias-free nn.Linear of the model for FewTokenLinear; returns how many were swapped."""
+def use_triton_linears(model: torch.nn.Module, max_m: int = 1) -> int:
+    """Swap every bias-free nn.Linear of the model for FewTokenLinear(max_m); returns how many were swapped."""
     swapped = 0
     for name, mod in list(model.named_modules()):
         if type(mod) is torch.nn.Linear and mod.bias is None:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, FewTokenLinear(mod))
+            setattr(model.get_submodule(parent) if parent else model, child, FewTokenLinear(mod, max_m))
             swapped += 1
     return swapped
+
+
+def set_pdl(on: bool) -> bool:
+    """Programmatic dependent launch for this file's kernels (PDL) and for Inductor's generated ones
+    (torch._inductor.config.triton.enable_pdl), where the GPU has it (compute capability >= 9). Call before anything
+    is compiled or captured. Returns whether it is on."""
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    global PDL
+    PDL = bool(on and triton is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        inductor_config.triton.enable_pdl = PDL
+    return PDL

@@ -11,6 +11,7 @@ Results go to --out (JSON); BENCHMARKS.md quotes them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import statistics
@@ -145,7 +146,7 @@ def bench_plain(name: str, n_prompts: int, max_new: int) -> dict:
         "decode_tokens_per_s": toks / sum(r.seconds - r.prefill_seconds for r in runs),
         "weight_gb_per_s": G.weight_bytes(model) * tps / 1e9, "weight_bytes": G.weight_bytes(model),
         "first_call_s": first_call, "second_call_s": second_call, "first_call_tokens": len(first.output_ids),
-        "second_call_tokens": len(second.output_ids), "prefill_s_median": prefill_s,
+        "second_call_tokens": len(second.output_ids), "prefill_s_median": prefill_s, "outputs_sha1": outputs_sha1(runs),
     }  # fmt: skip
 
 
@@ -319,6 +320,12 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
     return out
 
 
+def outputs_sha1(runs) -> str:
+    """A fingerprint of every output token of a list of runs: equal across A/B runs of kernels that must not change
+    the result (e.g. --pdl, whose launches could race if a kernel read before waiting)."""
+    return hashlib.sha1(json.dumps([r.output_ids for r in runs]).encode()).hexdigest()
+
+
 def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new: int, draft_vocab: int = 0) -> dict:
     """Real SmolLM2 on MT-bench first turns, greedy: plain compiled vs EAGLE, same run; tau per category."""
     model, tok = load("smollm2")
@@ -336,6 +343,7 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         "host_launch_s": sum(r.stats["host_launch_seconds"] for r in runs),
         "host_wait_s": sum(r.stats["host_wait_seconds"] for r in runs),
         "seconds": sum(r.seconds for r in runs), "tokens": sum(len(r.output_ids) for r in runs),
+        "outputs_sha1": outputs_sha1(runs),
     }  # fmt: skip
     head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
     apply_draft_vocab(head, head_dir, draft_vocab, model)
@@ -372,6 +380,7 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
             "host_launch_s": sum(r.stats["host_launch_seconds"] for r in eruns),
             "host_wait_s": sum(r.stats["host_wait_seconds"] for r in eruns),
             "prefill_s": sum(r.prefill_seconds for r in eruns),
+            "outputs_sha1": outputs_sha1(eruns),
         }  # fmt: skip
         print(json.dumps({spec: res[spec]}), flush=True)
     return res
@@ -426,6 +435,13 @@ def main() -> None:
         help="the draft's top-k first pass as one Triton kernel (kernels.chunk_topk; off by default until measured)",
     )
     p.add_argument(
+        "--pdl",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="programmatic dependent launch for kernels.py's and Inductor's Triton kernels (kernels.set_pdl; on by "
+        "default, as in generate.py, where the GPU has it; with it, --kernel auto takes kernels.py for 2-64 tokens)",
+    )
+    p.add_argument(
         "--compile-prefill",
         action="store_true",
         help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
@@ -436,6 +452,7 @@ def main() -> None:
     KERNEL, COMPILE_PREFILL, FUSED = a.kernel, a.compile_prefill, a.fused
     G.set_kernels(a.kernel)
     kernels.TRITON_TOPK = a.triton_topk
+    pdl = kernels.set_pdl(a.pdl and a.kernel != "torch")
     if a.fuse_min_k is not None:
         kernels.FUSE_MIN_K = a.fuse_min_k
     if a.quant:
@@ -449,6 +466,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
+        "pdl": pdl, "kernel": a.kernel,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:

@@ -35,6 +35,7 @@ def sync() -> None:
 @torch.inference_mode()
 def main() -> None:
     G.set_inductor_flags()
+    G.kernels.set_pdl(CUDA)
     model, tok = M.load_model(CKPT, device=DEV, dtype=DT), load_tokenizer(CKPT)
     head = load_head(ROOT / "heads" / "SmolLM2-135M-Instruct", model.args, DEV, DT)
     if CUDA:

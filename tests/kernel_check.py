@@ -107,6 +107,14 @@ def check_modules():
     assert few.weight is lin.weight
     x = torch.randn(1, 3, k)
     assert torch.equal(few(x), lin(x))  # on CPU (not CUDA) it is F.linear
+    few64 = K.FewTokenLinear(lin, max_m=K.MAX_M)  # 2-64 tokens on the tl.dot kernel (--kernels triton, --pdl)
+    real, K.available = K.available, lambda t: True
+    try:
+        for s in (1, 3, 26, 64, 65):
+            x = torch.randn(1, s, k)
+            assert rel_err(few64(x), lin(x)) < 1e-5, s
+    finally:
+        K.available = real
     print("modules ok")
 
 

@@ -146,3 +146,38 @@ def test_cli_interactive_chat(tiny_ckpt):
     r = run_cli("--checkpoint", str(tiny_ckpt), "--interactive", "--max-new-tokens", "4", input="Hello\nMore\n\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("bot> ") == 2 and "tok/s" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "script", ["generate.py", "quantize.py", "scripts/bench.py", "scripts/eval_eagle.py", "scripts/train_eagle.py",
+               "scripts/make_eagle_data.py", "scripts/draft_vocab.py", "scripts/perplexity.py"],
+)  # fmt: skip
+def test_help(script):
+    """--help of every command-line tool prints and exits 0 (a stray % in a help string once made it crash)."""
+    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage:" in r.stdout
+
+
+def test_two_pass_argmax_equals_argmax():
+    """generate.argmax (chunk maxima, then the best chunk) is torch.argmax, ties included (first index)."""
+    torch.manual_seed(0)
+    for V in (49152, 32000, 1000, 100):
+        x = torch.randn(6, V)
+        x[0, 7] = x[0, V - 3] = 9.0  # equal maxima in different chunks
+        x[1] = 0.0  # all equal
+        x[2, V - 1] = 9.0
+        assert torch.equal(G.argmax(x), x.argmax(-1)), V
+        xb = torch.randint(-2, 2, (3, 5, V)).to(torch.bfloat16)  # many ties, leading dims
+        assert torch.equal(G.argmax(xb), xb.argmax(-1)), V
+        assert torch.equal(G.argmax(x[3]), x[3].argmax(-1))
+
+
+def test_rope_rows_op():
+    """kernels.rope_rows' custom op (CUDA only at run time) is the gather and a copy, with a fake that fits."""
+    import kernels
+
+    table, pos, slots = torch.randn(40, 2, 8), torch.tensor([3, 4, 4, 5]), torch.tensor([10, 11, 12, 13])
+    rope, slots2 = kernels._rope_rows(table, pos, slots)
+    assert torch.equal(rope, table[pos]) and torch.equal(slots2, slots) and slots2.data_ptr() != slots.data_ptr()
+    torch.library.opcheck(kernels._rope_rows, (table, pos, slots))
