@@ -299,7 +299,7 @@ class Transformer(nn.Module):
         # tokens: [B, S]; input_pos, cache_pos: [S]; mask: [1, 1, S, T]
         cache_pos = input_pos if cache_pos is None else cache_pos
         mask = self.causal_mask(cache_pos) if mask is None else mask
-        rope = self.rope[input_pos]  # [S, 2, hd]
+        rope, cache_pos = kernels.rope_rows(self.rope, input_pos, cache_pos)  # rope: self.rope[input_pos], [S, 2, hd]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, rope, cache_pos, mask)
