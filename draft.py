@@ -234,10 +234,27 @@ def load_draft_vocab(folder: str | Path, size: int, vocab_size: int) -> Tensor:
     return ids[:size]
 
 
-def apply_draft_vocab(head: EagleHead, folder: str | Path, size: int, target: Transformer) -> None:
-    """`--draft-vocab size`: restrict the head to the `size` most frequent ids stored beside it; 0 = all tokens."""
+# The draft vocabulary used when none is asked for and the head folder has a vocabulary file with at least this many
+# ids. Measured on SmolLM2 (H200, MT-bench, BENCHMARKS.md): tau -1.9%, GPU time per round -7.5%, tok/s +5.5%.
+DEFAULT_DRAFT_VOCAB = 16384
+
+
+def apply_draft_vocab(head: EagleHead, folder: str | Path, size: int | None, target: Transformer) -> int:
+    """`--draft-vocab size`: restrict the head to the `size` most frequent ids stored beside it; 0 = all tokens;
+    None = DEFAULT_DRAFT_VOCAB if the folder's vocabulary file holds that many ids and the target's vocabulary is
+    larger, else all tokens. Returns the size used (0 = all)."""
+    if size is None:
+        path = Path(folder) / VOCAB_FILE
+        if not path.is_file() or target.args.vocab_size <= DEFAULT_DRAFT_VOCAB:
+            return 0
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(str(path), "pt") as f:
+            held = f.get_slice("ids").get_shape()[0]
+        size = DEFAULT_DRAFT_VOCAB if held >= DEFAULT_DRAFT_VOCAB else 0
     if size:
         head.restrict_vocab(load_draft_vocab(folder, size, target.args.vocab_size), target)
+    return size
 
 
 def load_head(folder: str | Path, target_args: ModelArgs, device="cpu", dtype=torch.float32) -> EagleHead:

@@ -410,24 +410,135 @@ def rope_and_cache(qkv: Tensor, rope: Tensor, cache_pos: Tensor, k_cache: Tensor
     return _rope_cache(qkv.reshape(S, -1).contiguous(), rope.contiguous(), cache_pos, k_cache, v_cache, n_heads)[None]
 
 
-@torch.library.custom_op("llmgen::rope_rows", mutates_args=())
-def _rope_rows(table: Tensor, input_pos: Tensor, cache_pos: Tensor) -> tuple[Tensor, Tensor]:
-    return table[input_pos], cache_pos.clone()
+@torch.library.custom_op("llmgen::layer_inputs", mutates_args=())
+def _layer_inputs(table: Tensor, input_pos: Tensor, cache_pos: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return table[input_pos], cache_pos.clone(), mask.clone()
 
 
-@_rope_rows.register_fake
-def _(table, input_pos, cache_pos):
-    return table.new_empty(input_pos.size(0), *table.shape[1:]), torch.empty_like(cache_pos)
+@_layer_inputs.register_fake
+def _(table, input_pos, cache_pos, mask):
+    return table.new_empty(input_pos.size(0), *table.shape[1:]), torch.empty_like(cache_pos), torch.empty_like(mask)
 
 
-def rope_rows(table: Tensor, input_pos: Tensor, cache_pos: Tensor) -> tuple[Tensor, Tensor]:
-    """(table[input_pos], cache_pos) as buffers of their own, made once per forward, for every layer's
-    `rope_and_cache`. Under torch.compile an opaque op's inputs are materialized for each call, so without this the
-    positions (computed in the compiled EAGLE round, e.g. L + arange(N)) and the RoPE rows were made again in every
-    layer: one extra kernel per layer. On CPU (no rope_and_cache) the plain gather."""
+def layer_inputs(table: Tensor, input_pos: Tensor, cache_pos: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(table[input_pos], cache_pos, mask) as buffers of their own, made once per forward, for every layer's
+    `rope_and_cache` and `few_token_attention`. Under torch.compile an opaque op's inputs are materialized for each
+    call, so without this the positions (computed in the compiled EAGLE round, e.g. L + arange(N)), the RoPE rows and
+    the mask were made again in every layer: one extra kernel per layer. On CPU (neither op runs) the plain gather."""
     if not table.is_cuda or triton is None:
-        return table[input_pos], cache_pos
-    return _rope_rows(table, input_pos, cache_pos)
+        return table[input_pos], cache_pos, mask
+    return _layer_inputs(table, input_pos, cache_pos, mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attn_chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, S, T, scale, G: tl.constexpr,
+                           HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                           PDL: tl.constexpr):  # fmt: skip
+        """Program (kv, c, rb): query rows rb*BLOCK_R.. of KV head kv (row r = g*S + s: head kv*G + g, token s)
+        against cache slots c*BLOCK_T..: the chunk's row maxima m, sums l = sum(exp(score - m)) and unnormalized
+        outputs o = exp(score - m) @ v. A chunk no row may see reads no K or V."""
+        _pdl_start(PDL)
+        kv, c, rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        R = G * S
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        t = c * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, HD)
+        r_ok, t_ok = r < R, t < T
+        vis = tl.load(mask_ptr + (r % S)[:, None] * T + t[None, :], mask=r_ok[:, None] & t_ok[None, :], other=0) != 0
+        kv_ok = t_ok & (tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0)
+        q = tl.load(q_ptr + (kv * R + r)[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
+        k = tl.load(k_ptr + (kv * T + t)[:, None] * HD + d[None, :], mask=kv_ok[:, None], other=0.0)
+        score = tl.where(vis, tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [BLOCK_R, BLOCK_T], float32
+        m = tl.max(score, 1)
+        p = tl.exp(score - tl.where(m == float("-inf"), 0.0, m)[:, None])  # rows that see nothing: all 0
+        v = tl.load(v_ptr + (kv * T + t)[:, None] * HD + d[None, :], mask=kv_ok[:, None], other=0.0)
+        o = tl.dot(p.to(v.dtype), v)  # [BLOCK_R, HD]
+        row = (kv * tl.num_programs(1) + c) * R + r  # scratch [KV, chunks, R (, HD)]
+        tl.store(m_ptr + row, m, mask=r_ok)
+        tl.store(l_ptr + row, tl.sum(p, 1), mask=r_ok)
+        tl.store(o_ptr + row[:, None] * HD + d[None, :], o, mask=r_ok[:, None])
+
+    @triton.jit
+    def _attn_merge_kernel(m_ptr, l_ptr, o_ptr, y_ptr, S, NC, G: tl.constexpr, HD: tl.constexpr,
+                           BLOCK_R: tl.constexpr, CB: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        """Program (kv, rb): merge the chunks' (m, l, o) of rows rb*BLOCK_R.. of KV head kv into
+        softmax(scores) @ v, written to y [S, H*HD] (the layout the output projection reads: no transpose)."""
+        _pdl_start(PDL)
+        kv, rb = tl.program_id(0), tl.program_id(1)
+        R = G * S
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        cb, d = tl.arange(0, CB), tl.arange(0, HD)
+        big = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        for c0 in range(0, NC, CB):  # the rows' overall maxima
+            ok = ((c0 + cb) < NC)[:, None] & r_ok[None, :]
+            mc = tl.load(m_ptr + (kv * NC + c0 + cb)[:, None] * R + r[None, :], mask=ok, other=float("-inf"))
+            big = tl.maximum(big, tl.max(mc, 0))
+        big = tl.where(big == float("-inf"), 0.0, big)
+        total = tl.zeros((BLOCK_R,), tl.float32)
+        acc = tl.zeros((BLOCK_R, HD), tl.float32)
+        for c0 in range(0, NC, CB):
+            ok = ((c0 + cb) < NC)[:, None] & r_ok[None, :]
+            row = (kv * NC + c0 + cb)[:, None] * R + r[None, :]  # [CB, BLOCK_R]
+            w = tl.exp(tl.load(m_ptr + row, mask=ok, other=float("-inf")) - big[None, :])  # empty chunks: 0
+            total += tl.sum(w * tl.load(l_ptr + row, mask=ok, other=0.0), 0)
+            o = tl.load(o_ptr + row[:, :, None] * HD + d[None, None, :], mask=ok[:, :, None], other=0.0)
+            acc += tl.sum(w[:, :, None] * o, 0)
+        y = acc / tl.where(total > 0, total, 1.0)[:, None]
+        h, s = kv * G + r // S, r % S
+        dst = y_ptr + s[:, None] * (tl.num_programs(0) * G * HD) + h[:, None] * HD + d[None, :]
+        tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=r_ok[:, None])
+
+
+ATTN_BLOCK_T = 64  # cache slots per program of _attn_chunk_kernel
+
+
+@torch.library.custom_op("llmgen::few_attention", mutates_args=())
+def _few_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    H, S, hd = q.shape
+    KV, T = k.size(0), k.size(1)
+    G, R, nc = H // KV, H // KV * S, triton.cdiv(T, ATTN_BLOCK_T)
+    block_r = 16 if R <= 16 else 32 if R <= 32 else 64
+    m = torch.empty(KV, nc, R, dtype=torch.float32, device=q.device)
+    lsum = torch.empty_like(m)
+    o = torch.empty(KV, nc, R, hd, dtype=torch.float32, device=q.device)
+    y = torch.empty(S, H * hd, dtype=q.dtype, device=q.device)
+    nr = triton.cdiv(R, block_r)
+    _attn_chunk_kernel[(KV, nc, nr)](q, k, v, mask, m, lsum, o, S, T, hd**-0.5, G=G, HD=hd, BLOCK_R=block_r,
+                                     BLOCK_T=ATTN_BLOCK_T, PDL=PDL, launch_pdl=PDL)  # fmt: skip
+    merge_r = 16
+    _attn_merge_kernel[(KV, triton.cdiv(R, merge_r))](m, lsum, o, y, S, nc, G=G, HD=hd, BLOCK_R=merge_r, CB=4,
+                                                      PDL=PDL, launch_pdl=PDL)  # fmt: skip
+    return y
+
+
+@_few_attention.register_fake
+def _(q, k, v, mask):
+    return q.new_empty(q.size(1), q.size(0) * q.size(2))
+
+
+# Few-token attention through few_token_attention on CUDA (else model.small_attention). Measured on SmolLM2 (H200,
+# MT-bench, same machine, BENCHMARKS.md): plain decoding +8%, an EAGLE round 8% shorter. bench.py --no-triton-attention
+# and generate.py --kernels torch turn it off.
+FEW_ATTENTION = True
+
+
+def few_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
+    """Attention of a few query tokens against the KV cache in two launches (flash-decoding: per chunk of 64 slots
+    the softmax max, sum and partial output, then a merge that writes y in [B, S, H*hd], the output projection's
+    input layout). q [1, H, S, hd]; k, v [1, KV, T, hd]; mask [1, 1, S, T] bool (True = may attend). Replaces
+    model.small_attention's scores matmul, softmax, weighted sum and transpose (four or five kernels, two of them
+    cuBLAS, which breaks PDL's overlap). None where it does not apply (CPU, batch > 1, other dtypes or head sizes);
+    a row that may see nothing gets zeros (small_attention: NaN)."""
+    B, H, S, hd = q.shape
+    if not FEW_ATTENTION or not available(q) or B != 1 or hd < 16 or hd & (hd - 1) or H * S > 1024:
+        return None
+    if k.dtype != q.dtype or v.dtype != q.dtype or mask.dtype != torch.bool or mask.shape[-2:] != (S, k.size(2)):
+        return None
+    y = _few_attention(q[0].contiguous(), k[0].contiguous(), v[0].contiguous(), mask.reshape(S, -1).contiguous())
+    return y[None]
 
 
 if triton is not None:

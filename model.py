@@ -207,9 +207,12 @@ class Attention(nn.Module):
         if S > SMALL_S:  # prefill: a fused kernel, but not cuDNN's (see PREFILL_SDPA)
             with sdpa_kernel(PREFILL_SDPA):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)  # [B, H, S, hd]
-        else:  # decode and tree verification: plain matmuls that torch.compile fuses, K/V never copied per head
-            y = small_attention(q, k, v, mask)
-        return linear(self.wo, y.transpose(1, 2).reshape(B, S, H * hd), residual=residual)
+            y = y.transpose(1, 2).reshape(B, S, H * hd)
+        else:  # decode and tree verification: two Triton kernels on CUDA, else matmuls that torch.compile fuses
+            y = kernels.few_token_attention(q, k, v, mask)  # [B, S, H * hd] or None
+            if y is None:
+                y = small_attention(q, k, v, mask).transpose(1, 2).reshape(B, S, H * hd)
+        return linear(self.wo, y, residual=residual)
 
 
 SMALL_S = 64  # forwards of at most this many tokens use `small_attention`
@@ -299,7 +302,7 @@ class Transformer(nn.Module):
         # tokens: [B, S]; input_pos, cache_pos: [S]; mask: [1, 1, S, T]
         cache_pos = input_pos if cache_pos is None else cache_pos
         mask = self.causal_mask(cache_pos) if mask is None else mask
-        rope, cache_pos = kernels.rope_rows(self.rope, input_pos, cache_pos)  # rope: self.rope[input_pos], [S, 2, hd]
+        rope, cache_pos, mask = kernels.layer_inputs(self.rope, input_pos, cache_pos, mask)  # rope [S, 2, hd]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, rope, cache_pos, mask)

@@ -147,6 +147,7 @@ def bench_plain(name: str, n_prompts: int, max_new: int) -> dict:
         "weight_gb_per_s": G.weight_bytes(model) * tps / 1e9, "weight_bytes": G.weight_bytes(model),
         "first_call_s": first_call, "second_call_s": second_call, "first_call_tokens": len(first.output_ids),
         "second_call_tokens": len(second.output_ids), "prefill_s_median": prefill_s, "outputs_sha1": outputs_sha1(runs),
+        "configs": tuned_configs(),
     }  # fmt: skip
 
 
@@ -320,13 +321,24 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
     return out
 
 
+def tuned_configs() -> dict:
+    """The block shapes the autotuner picked for each kernels.py matmul key (N, K, quant, ...): runs that differ in
+    speed can be told apart by them."""
+    out = {}
+    for name in ("_gemv_kernel", "_gemm_kernel"):
+        tuner = getattr(kernels, name, None)
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            out[f"{name[1:5]}{tuple(k for k in key if not isinstance(k, str))}"] = str(cfg)
+    return out
+
+
 def outputs_sha1(runs) -> str:
     """A fingerprint of every output token of a list of runs: equal across A/B runs of kernels that must not change
     the result (e.g. --pdl, whose launches could race if a kernel read before waiting)."""
     return hashlib.sha1(json.dumps([r.output_ids for r in runs]).encode()).hexdigest()
 
 
-def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new: int, draft_vocab: int = 0) -> dict:
+def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new: int, draft_vocab: int | None) -> dict:
     """Real SmolLM2 on MT-bench first turns, greedy: plain compiled vs EAGLE, same run; tau per category."""
     model, tok = load("smollm2")
     questions = G.read_prompts(str(MT_BENCH))[:n_prompts]
@@ -346,8 +358,7 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         "outputs_sha1": outputs_sha1(runs),
     }  # fmt: skip
     head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
-    apply_draft_vocab(head, head_dir, draft_vocab, model)
-    res["draft_vocab"] = draft_vocab or None
+    res["draft_vocab"] = apply_draft_vocab(head, head_dir, draft_vocab, model) or None
     apply_kernel_choice(head)
     for spec in tree_specs:
         split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
@@ -425,14 +436,21 @@ def main() -> None:
     p.add_argument(
         "--draft-vocab",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="--mt-bench: draft among the head's N most frequent tokens (as generate.py --draft-vocab)",
+        help="--mt-bench: draft among the head's N most frequent tokens (as generate.py --draft-vocab: default 16384 "
+        "where the head has a vocabulary file, 0 = all)",
     )
     p.add_argument(
         "--triton-topk",
         action="store_true",
         help="the draft's top-k first pass as one Triton kernel (kernels.chunk_topk; off by default until measured)",
+    )
+    p.add_argument(
+        "--triton-attention",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="few-token attention as two Triton kernels (kernels.few_token_attention; on by default as in generate.py)",
     )
     p.add_argument(
         "--pdl",
@@ -452,6 +470,7 @@ def main() -> None:
     KERNEL, COMPILE_PREFILL, FUSED = a.kernel, a.compile_prefill, a.fused
     G.set_kernels(a.kernel)
     kernels.TRITON_TOPK = a.triton_topk
+    kernels.FEW_ATTENTION = a.triton_attention
     pdl = kernels.set_pdl(a.pdl and a.kernel != "torch")
     if a.fuse_min_k is not None:
         kernels.FUSE_MIN_K = a.fuse_min_k
@@ -466,7 +485,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
-        "pdl": pdl, "kernel": a.kernel,
+        "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:

@@ -35,13 +35,19 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=list(G.DTYPES))
-    p.add_argument("--draft-vocab", type=int, default=0, metavar="N", help="as generate.py --draft-vocab")
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="as generate.py --draft-vocab (default: 16384 where the head has a vocabulary file; 0 = all)",
+    )
     p.add_argument("--out", default=None, help="also write the JSON lines here")
     a = p.parse_args()
     try:
         model = M.load_model(a.checkpoint, device=a.device, dtype=G.DTYPES[a.dtype])
         head = load_head(a.eagle, model.args, a.device, G.DTYPES[a.dtype])
-        apply_draft_vocab(head, a.eagle, a.draft_vocab, model)
+        a.draft_vocab = apply_draft_vocab(head, a.eagle, a.draft_vocab, model)
         tree = T.parse_dynamic_spec(a.tree) or T.build_tree(T.parse_tree_spec(a.tree))
     except (M.CheckpointError, T.TreeError) as e:
         sys.exit(f"error: {e}")

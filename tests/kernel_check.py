@@ -274,6 +274,45 @@ def check_rope_cache():
     print("rope_cache ok")
 
 
+def check_few_attention():
+    """Two-launch few-token attention equals model.small_attention (then transposed to [1, S, H*hd]): grouped heads,
+    1 to 60 query tokens, cache lengths that are not a multiple of the 64-slot chunk, chunks no row sees, fp32 and
+    fp16 (the interpreter's tl.dot gives garbage for bf16, here as in check_fp16); and a tiny model's logits with it
+    on equal those with it off (prefill, one token, a tree)."""
+    torch.manual_seed(10)
+    real, flag = K.available, K.FEW_ATTENTION
+    K.available, K.FEW_ATTENTION = (lambda t: True), True
+    try:
+        for dtype in (torch.float32, torch.float16):
+            for H, KV, S, T, hd in ((6, 2, 26, 200, 16), (4, 4, 1, 64, 32), (9, 3, 60, 130, 16), (2, 1, 5, 300, 64)):
+                q = torch.randn(1, H, S, hd).to(dtype)
+                k, v = torch.randn(1, KV, T, hd).to(dtype), torch.randn(1, KV, T, hd).to(dtype)
+                seen = min(T, 70)  # slots >= 70 are seen by no row: their chunks read no K/V
+                mask = torch.rand(1, 1, S, T) < 0.4
+                mask[..., seen:] = False
+                mask[..., torch.arange(S), torch.arange(S) % seen] = True  # every row sees something
+                y = K.few_token_attention(q, k, v, mask)
+                ref = M.small_attention(q.float(), k.float(), v.float(), mask).transpose(1, 2).reshape(1, S, H * hd)
+                tol = 1e-5 if dtype == torch.float32 else 2e-3
+                assert y.shape == (1, S, H * hd) and y.dtype == dtype and rel_err(y.float(), ref) < tol, (H, S, T)
+        args = M.ModelArgs.from_name("tiny")
+        model = M.Transformer(args).eval()
+        tokens = torch.randint(0, args.vocab_size, (1, 40))
+        calls = [(tokens[:, :9], torch.arange(9), None), (tokens[:, 9:10], torch.tensor([9]), None)]
+        calls.append((tokens[:, 10:36], torch.arange(10, 36), torch.randperm(26) + 10))
+        outs = []
+        for on in (False, True):
+            K.FEW_ATTENTION = on
+            model.setup_caches(1, 100, torch.float32)
+            with torch.no_grad():
+                outs.append([model(t, pos, slots) for t, pos, slots in calls])
+        for a, b in zip(outs[0], outs[1], strict=True):
+            assert rel_err(b, a) < 1e-5, rel_err(b, a)
+    finally:
+        K.available, K.FEW_ATTENTION = real, flag
+    print("few_attention ok")
+
+
 def check_chunk_topk():
     """The first pass of draft.top_k in one launch: per chunk the same values as torch.topk, largest first, indices
     into the row; and draft.top_k through it (TRITON_TOPK) equals torch.topk, ties included in the values."""
@@ -309,3 +348,4 @@ if __name__ == "__main__":
     check_copy_rows()
     check_rope_cache()
     check_chunk_topk()
+    check_few_attention()

@@ -457,6 +457,17 @@ def test_draft_vocab_script_and_cli(tiny_ckpt, tmp_path):
                     "--prompt", "hi", "--max-new-tokens", "5")  # fmt: skip
         assert (r.returncode == 0) == ok and "Traceback" not in r.stderr, r.stderr
     assert Dr.load_draft_vocab(tmp_path / "head", 20, args.vocab_size).tolist() == list(range(20))
+    # the default (None): DEFAULT_DRAFT_VOCAB ids where the file holds that many and the target has more tokens
+    model = M.load_model(tiny_ckpt)
+    for default, used in ((32, 32), (64, 0), (args.vocab_size, 0)):
+        head = random_head(args)
+        Dr.DEFAULT_DRAFT_VOCAB, real = default, Dr.DEFAULT_DRAFT_VOCAB
+        try:
+            assert Dr.apply_draft_vocab(head, tmp_path / "head", None, model) == used
+        finally:
+            Dr.DEFAULT_DRAFT_VOCAB = real
+        assert (head.vocab is not None) == bool(used) and (not used or head.vocab.numel() == used)
+    assert Dr.apply_draft_vocab(random_head(args), tmp_path, None, model) == 0  # no file: the whole vocabulary
 
 
 def test_draft_vocabulary_rows_from_a_quantized_lm_head(tiny_ckpt):

@@ -173,11 +173,13 @@ def test_two_pass_argmax_equals_argmax():
         assert torch.equal(G.argmax(x[3]), x[3].argmax(-1))
 
 
-def test_rope_rows_op():
-    """kernels.rope_rows' custom op (CUDA only at run time) is the gather and a copy, with a fake that fits."""
+def test_layer_inputs_op():
+    """kernels.layer_inputs' custom op (CUDA only at run time) is the gather and copies, with a fake that fits."""
     import kernels
 
     table, pos, slots = torch.randn(40, 2, 8), torch.tensor([3, 4, 4, 5]), torch.tensor([10, 11, 12, 13])
-    rope, slots2 = kernels._rope_rows(table, pos, slots)
+    mask = torch.rand(1, 1, 4, 40) < 0.5
+    rope, slots2, mask2 = kernels._layer_inputs(table, pos, slots, mask)
     assert torch.equal(rope, table[pos]) and torch.equal(slots2, slots) and slots2.data_ptr() != slots.data_ptr()
-    torch.library.opcheck(kernels._rope_rows, (table, pos, slots))
+    assert torch.equal(mask2, mask)
+    torch.library.opcheck(kernels._layer_inputs, (table, pos, slots, mask))
