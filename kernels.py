@@ -21,9 +21,11 @@ token the GEMV can also apply the RMSNorm that precedes the matmul and add the r
 (`fused_wmm`, used through model.linear), two fewer launches per layer, and the SwiGLU gating before the down
 projection.
 
-Two more custom ops cut launches elsewhere: `rope_and_cache` (RoPE on q and k, k and v into their cache slots: one
-kernel per layer instead of three) and `copy_rows` (an accepted EAGLE path's KV rows moved down in every layer with
-one launch instead of one per cache tensor).
+More custom ops cut launches elsewhere: `rope_and_cache` (RoPE on q and k, k and v into their cache slots: one
+kernel per layer instead of three), `few_token_attention` (attention of 1-64 query tokens in two kernels instead of
+four or five), `layer_inputs` (positions, RoPE rows and mask made once per forward, not per layer) and `copy_rows` (an
+accepted EAGLE path's KV rows moved down in every layer with one launch instead of one per cache tensor). With `PDL`
+every kernel here is launched so that its launch overlaps the end of the kernel before it (`set_pdl`).
 The tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -399,8 +401,8 @@ def rope_and_cache(qkv: Tensor, rope: Tensor, cache_pos: Tensor, k_cache: Tensor
     layouts) and the caller runs the steps apart (model.Attention: three kernels under torch.compile)."""
     B, S, _ = qkv.shape
     hd = k_cache.size(-1)
-    if not available(qkv) or B != 1 or hd < 2 or hd & (hd - 1) or rope.dtype != torch.float32:
-        return None
+    if not available(qkv) or B != 1 or hd < 2 or hd & (hd - 1) or rope.dtype != torch.float32 or qkv.requires_grad:
+        return None  # (no backward: training takes the other path)
     if (
         k_cache.dtype != qkv.dtype
         or v_cache.dtype != qkv.dtype
@@ -533,8 +535,8 @@ def few_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor
     cuBLAS, which breaks PDL's overlap). None where it does not apply (CPU, batch > 1, other dtypes or head sizes);
     a row that may see nothing gets zeros (small_attention: NaN)."""
     B, H, S, hd = q.shape
-    if not FEW_ATTENTION or not available(q) or B != 1 or hd < 16 or hd & (hd - 1) or H * S > 1024:
-        return None
+    if not FEW_ATTENTION or not available(q) or B != 1 or hd < 16 or hd & (hd - 1) or H * S > 1024 or q.requires_grad:
+        return None  # (no backward: training takes the other path)
     if k.dtype != q.dtype or v.dtype != q.dtype or mask.dtype != torch.bool or mask.shape[-2:] != (S, k.size(2)):
         return None
     y = _few_attention(q[0].contiguous(), k[0].contiguous(), v[0].contiguous(), mask.reshape(S, -1).contiguous())
