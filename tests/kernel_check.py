@@ -259,11 +259,12 @@ def check_rope_cache():
         for fused in (False, True):
             model.setup_caches(1, 64, dtype)
             K.available = (lambda x: True) if fused else real
+            flag, K.FEW_ATTENTION = K.FEW_ATTENTION, False  # RoPE alone (the interpreter's bf16 tl.dot is wrong)
             try:
                 with torch.no_grad():
                     outs.append([model(t, pos, slots).float() for t, pos, slots in calls])
             finally:
-                K.available = real
+                K.available, K.FEW_ATTENTION = real, flag
             caches.append(
                 [t.clone() for layer in model.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
             )
