@@ -659,6 +659,30 @@ def use_triton_linears(model: torch.nn.Module, max_m: int = 1) -> int:
     return swapped
 
 
+def tuned_configs() -> list[dict]:
+    """The block shapes the autotuner picked so far for the matmul kernels, one entry per kernel and key (the key's
+    shape values, then the tensors' dtypes, as triton's Autotuner keys its cache): JSON-ready, for `pin_configs`."""
+    out = []
+    for name in ("_gemv_kernel", "_gemm_kernel"):
+        for key, cfg in getattr(globals().get(name), "cache", {}).items():
+            out.append({"kernel": name, "key": list(key), "kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps,
+                        "num_stages": cfg.num_stages})  # fmt: skip
+    return out
+
+
+def pin_configs(entries: list[dict]) -> int:
+    """Put picks saved by `tuned_configs` into the autotuners' caches: those keys are not tuned again in this process,
+    so the same shapes run with the same block shapes in every run (the autotuner times each config alone, and its
+    pick can change from run to run, and speed and bf16 rounding with it: BENCHMARKS.md, fifth session). Returns how
+    many were pinned."""
+    if triton is None:
+        return 0
+    for e in entries:
+        cfg = triton.Config(dict(e["kwargs"]), num_warps=e["num_warps"], num_stages=e["num_stages"])
+        globals()[e["kernel"]].cache[tuple(e["key"])] = cfg
+    return len(entries)
+
+
 def set_pdl(on: bool) -> bool:
     """Programmatic dependent launch for this file's kernels (PDL) and for Inductor's generated ones
     (torch._inductor.config.triton.enable_pdl), where the GPU has it (compute capability >= 9). Call before anything

@@ -322,14 +322,10 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
 
 
 def tuned_configs() -> dict:
-    """The block shapes the autotuner picked for each kernels.py matmul key (N, K, quant, ...): runs that differ in
-    speed can be told apart by them."""
-    out = {}
-    for name in ("_gemv_kernel", "_gemm_kernel"):
-        tuner = getattr(kernels, name, None)
-        for key, cfg in getattr(tuner, "cache", {}).items():
-            out[f"{name[1:5]}{tuple(k for k in key if not isinstance(k, str))}"] = str(cfg)
-    return out
+    """The block shapes the autotuner picked for each kernels.py matmul key (N, K, quant, ...), readable: runs that
+    differ in speed can be told apart by them (the full form for --configs-in is the JSON's "tuned_configs")."""
+    return {f"{e['kernel'][1:5]}{tuple(k for k in e['key'] if not isinstance(k, str))}": str(e["kwargs"])
+            + f" w{e['num_warps']} s{e['num_stages']}" for e in kernels.tuned_configs()}  # fmt: skip
 
 
 def outputs_sha1(runs) -> str:
@@ -460,6 +456,13 @@ def main() -> None:
         "default, as in generate.py, where the GPU has it; with it, --kernel auto takes kernels.py for 2-64 tokens)",
     )
     p.add_argument(
+        "--configs-in",
+        default=None,
+        metavar="JSON",
+        help="pin the matmul block shapes recorded in an earlier bench.py JSON ('tuned_configs'), so A/B runs use the "
+        "same ones instead of the autotuner's pick of the day (kernels.pin_configs)",
+    )
+    p.add_argument(
         "--compile-prefill",
         action="store_true",
         help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
@@ -471,6 +474,7 @@ def main() -> None:
     G.set_kernels(a.kernel)
     kernels.TRITON_TOPK = a.triton_topk
     kernels.FEW_ATTENTION = a.triton_attention
+    pinned = kernels.pin_configs(json.loads(Path(a.configs_in).read_text())["tuned_configs"]) if a.configs_in else 0
     pdl = kernels.set_pdl(a.pdl and a.kernel != "torch")
     if a.fuse_min_k is not None:
         kernels.FUSE_MIN_K = a.fuse_min_k
@@ -485,7 +489,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
-        "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION,
+        "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:
@@ -507,6 +511,7 @@ def main() -> None:
         res["mt_bench"] = bench_mt_bench(
             a.eagle, a.tree or ["default", "chain:5"], a.prompts, a.max_new_tokens or 256, a.draft_vocab
         )
+    res["tuned_configs"] = kernels.tuned_configs()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
 

@@ -53,6 +53,29 @@ def check_all_configs():
     print("configs ok")
 
 
+def check_pinned_configs():
+    """tuned_configs -> JSON -> pin_configs puts a chosen config back into the autotuner's cache; the kernel then
+    runs with it (no tuning) and gives the same result."""
+    import json  # noqa: PLC0415
+
+    torch.manual_seed(11)
+    w, s, ref_w = weights(K.NONE, 48, 256, 64)
+    x = torch.randn(1, 256)
+    K._gemv_kernel.cache, K._gemm_kernel.cache = {}, {}
+    K.wmm(x, w, s, K.NONE, 64)
+    saved = json.loads(json.dumps(K.tuned_configs()))
+    assert len(saved) == 1 and saved[0]["kernel"] == "_gemv_kernel"
+    other = next(c for c in K._gemv_kernel.configs if c.kwargs["BLOCK_N"] != saved[0]["kwargs"]["BLOCK_N"])
+    saved[0].update(kwargs={**other.kwargs, "BLOCK_K": 256}, num_warps=other.num_warps, num_stages=other.num_stages)
+    K._gemv_kernel.cache = {}
+    assert K.pin_configs(saved) == 1
+    y = K.wmm(x, w, s, K.NONE, 64)
+    (cfg,) = K._gemv_kernel.cache.values()
+    assert cfg.kwargs == saved[0]["kwargs"] and rel_err(y, x @ ref_w.T) < 1e-5
+    K._gemv_kernel.cache = {}
+    print("pin ok")
+
+
 def check_fp16():
     torch.manual_seed(1)
     for quant in (K.NONE, K.INT8, K.INT4):
@@ -342,6 +365,7 @@ if __name__ == "__main__":
     assert K.INTERPRET and K.triton is not None
     check_all_configs()
     check_fp16()
+    check_pinned_configs()
     check_errors()
     check_modules()
     check_compile()

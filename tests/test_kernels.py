@@ -16,5 +16,5 @@ def test_kernels_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     parts = ("configs", "fp16", "errors", "modules", "compile", "fused", "copy_rows", "rope_cache", "chunk_topk")
-    for part in (*parts, "few_attention"):
+    for part in (*parts, "few_attention", "pin"):
         assert f"{part} ok" in r.stdout
