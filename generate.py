@@ -590,7 +590,8 @@ def use_kernels(choice: str, *modules: torch.nn.Module) -> int:
     if choice == "torch" or kernels.triton is None:
         return 0
     # 2-64 tokens (EAGLE verification, the draft's tree steps): cuBLAS is as fast as kernels.py's tl.dot kernel on its
-    # own, but with programmatic dependent launch (kernels.PDL) the Triton kernel's launch overlaps its neighbours'
+    # own, but with programmatic dependent launch (kernels.PDL) only the Triton kernel's launch overlaps the kernel
+    # before it (an EAGLE round 10% shorter, BENCHMARKS.md)
     max_m = kernels.MAX_M if choice == "triton" or kernels.PDL else 1
     return sum(kernels.use_triton_linears(m, max_m) for m in modules)
 
