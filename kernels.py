@@ -49,7 +49,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Programmatic dependent launch (Hopper and newer; `set_pdl`): every kernel here is launched with launch_pdl and starts
 # with griddepcontrol.wait (it waits until the kernel before it has finished and its writes are visible) followed by
 # griddepcontrol.launch_dependents (the kernel after it may be launched now). So launching the next kernel overlaps
-# the end of this one instead of following it. Off by default; bench.py --pdl measures it.
+# the end of this one instead of following it. Off until set_pdl turns it on (generate.py and bench.py do, by default).
 PDL = False
 
 
@@ -635,11 +635,8 @@ class FewTokenLinear(torch.nn.Module):
         self.in_features, self.out_features, self.max_m = linear.in_features, linear.out_features, max_m
 
     def forward(self, x: Tensor) -> Tensor:
-        y = fused_wmm(x, self.weight, None, NONE, 0, None, None, self.out_features)
-        if y is not None:
-            return y
         x2 = x.reshape(-1, self.in_features)
-        if 1 < x2.shape[0] <= self.max_m and available(x2) and x2.dtype == self.weight.dtype:
+        if x2.shape[0] <= self.max_m and available(x2) and x2.dtype == self.weight.dtype:
             return wmm(x2.contiguous(), self.weight, None, NONE, 0).reshape(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.weight)
 

@@ -147,7 +147,6 @@ def bench_plain(name: str, n_prompts: int, max_new: int) -> dict:
         "weight_gb_per_s": G.weight_bytes(model) * tps / 1e9, "weight_bytes": G.weight_bytes(model),
         "first_call_s": first_call, "second_call_s": second_call, "first_call_tokens": len(first.output_ids),
         "second_call_tokens": len(second.output_ids), "prefill_s_median": prefill_s, "outputs_sha1": outputs_sha1(runs),
-        "configs": tuned_configs(),
     }  # fmt: skip
 
 
@@ -319,13 +318,6 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
     out["forward_ratio_tree_vs_1"] = tn / t1
     out["implied_speedup_for_tau"] = {tau: tau * t1 / out["round_s"] for tau in (2.0, 3.0, 3.5, 4.0)}
     return out
-
-
-def tuned_configs() -> dict:
-    """The block shapes the autotuner picked for each kernels.py matmul key (N, K, quant, ...), readable: runs that
-    differ in speed can be told apart by them (the full form for --configs-in is the JSON's "tuned_configs")."""
-    return {f"{e['kernel'][1:5]}{tuple(k for k in e['key'] if not isinstance(k, str))}": str(e["kwargs"])
-            + f" w{e['num_warps']} s{e['num_stages']}" for e in kernels.tuned_configs()}  # fmt: skip
 
 
 def outputs_sha1(runs) -> str:
