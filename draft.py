@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
@@ -41,6 +40,7 @@ class EagleHead(nn.Module):
         self.register_buffer("rope", torch.empty(0, 2, args.head_dim), persistent=False)
         self.register_buffer("vocab", None, persistent=False)  # draft vocabulary [V'] (restrict_vocab); None = all
         self.register_buffer("vocab_rows", None, persistent=False)  # the target LM head's rows for it: [V', D]
+        self.kernel_max_m = 0  # draft-vocabulary logits of up to this many rows through kernels.wmm (use_kernels)
 
     def setup_cache(self, committed_slots: int, scratch_slots: int) -> None:
         from model import KVCache  # noqa: PLC0415
@@ -72,7 +72,11 @@ class EagleHead(nn.Module):
     def logits(self, target: Transformer, y: Tensor) -> Tensor:
         """Draft logits for predicted features y [..., D]: over the draft vocabulary [..., V'] if one is set, else the
         target's LM head [..., V]. Map top-k positions back to token ids with `token_ids`."""
-        return target.output(y) if self.vocab is None else F.linear(y, self.vocab_rows)
+        return (
+            target.output(y)
+            if self.vocab is None
+            else kernels.few_token_linear(y, self.vocab_rows, None, self.kernel_max_m)
+        )
 
     def token_ids(self, idx: Tensor) -> Tensor:
         return idx if self.vocab is None else self.vocab[idx]
@@ -180,7 +184,7 @@ def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     chunk = min(V & -V, 1024)  # the largest power of two dividing V, at most 1024
     if chunk < 128 or V // chunk < 2 or k > chunk:
         return torch.topk(x, k, dim=-1)
-    if kernels.TRITON_TOPK and kernels.available(x) and k <= 16:  # first pass in one Triton launch (opt-in)
+    if kernels.TRITON_TOPK and kernels.available(x) and k <= 16:  # first pass in one Triton launch (TRITON_TOPK)
         v1, i1 = kernels.chunk_topk(x.reshape(-1, V).contiguous(), k, chunk)  # [rows, V/chunk, k]
         v1, i1 = v1.view(*x.shape[:-1], V // chunk, k), i1.view(*x.shape[:-1], V // chunk, k)
     else:

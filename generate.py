@@ -747,6 +747,7 @@ def run(a: argparse.Namespace) -> None:
         raise UserError("--kernels triton needs a CUDA device, --dtype bfloat16 or float16 and the triton package")
     kernels.set_pdl(a.pdl and device.type == "cuda" and a.kernels != "torch")
     kernels.FEW_ATTENTION = a.kernels != "torch"  # two Triton kernels for attention over a few tokens (CUDA only)
+    kernels.TRITON_TOPK = a.kernels != "torch"  # the draft's top-k first pass in one Triton kernel (CUDA only)
     t0 = time.perf_counter()
     set_kernels(a.kernels if device.type == "cuda" else "auto")
     model = load_model(a.checkpoint, device=device, dtype=dtype)

@@ -66,10 +66,12 @@ if triton is not None:
         return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
     def _prune(configs, named_args, **kwargs):
-        """Fit the block shapes to the matrix: BLOCK_K is cut to the largest power of two dividing K (so K needs no
-        masks; K is a multiple of 16, and of the group size >= 32 for int4), BLOCK_N to at most N rounded up to 16."""
+        """Fit the block shapes to the matrix. BLOCK_K: int4 reads whole groups, so there it is cut to the largest
+        power of two dividing K (K is a multiple of the power-of-two group size); bf16 and int8 mask the last chunk
+        where BLOCK_K does not divide K, so there it is cut to K rounded up to a power of two (SmolLM2's K = 576 then
+        takes one 1024-wide chunk, or two of 512, instead of nine of 64). BLOCK_N: at most N rounded up to 16."""
         k, n, group = named_args["K"], named_args["N"], kwargs.get("GROUP", 0)
-        kmax = k & -k  # >= GROUP for int4, since K is a multiple of the (power-of-two) group size
+        kmax = k & -k if kwargs.get("QUANT") == INT4 else triton.next_power_of_2(k)
         fitted = {}
         for c in configs:
             bn, bk = c.kwargs["BLOCK_N"], min(max(c.kwargs["BLOCK_K"], group), kmax)
@@ -78,12 +80,15 @@ if triton is not None:
                 fitted.setdefault((bn, bk, c.num_warps, c.num_stages), cfg)
         return list(fitted.values())
 
+    _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}  # no mask on K where BLOCK_K divides it
+
     _GEMV_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn, bk, w, s in [
             (4, 512, 4, 2), (8, 256, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2), (16, 512, 8, 2),
             (32, 128, 4, 2), (8, 1024, 8, 2), (16, 128, 4, 3),
             (16, 1024, 8, 2), (32, 512, 8, 2), (8, 2048, 8, 2),  # int8: as many bytes per step as bf16's best
+            (4, 1024, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1),  # small K (SmolLM2's 576) in one chunk
         ]
     ]  # fmt: skip
     _GEMM_CONFIGS = [
@@ -91,6 +96,7 @@ if triton is not None:
         for bn, bk, w, s in [
             (16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 8, 2),
             (16, 256, 4, 5), (16, 512, 4, 4), (32, 256, 8, 4), (32, 512, 8, 3),
+            (16, 1024, 4, 1), (16, 1024, 8, 1), (32, 1024, 8, 1), (16, 512, 4, 2),  # small K in one or two chunks
         ]
     ]  # fmt: skip
 
@@ -124,14 +130,21 @@ if triton is not None:
     _TUNE = {"prune_configs_by": {"early_config_prune": _prune}, "do_bench": _fast_bench}
 
     @triton.jit
-    def _load_x(x_ptr, off, K, GATED: tl.constexpr):
-        """x[off] as float32; GATED: x holds [gate | up] (2K entries) and the input is silu(gate) * up."""
-        if GATED:
-            gate = tl.load(x_ptr + off).to(tl.float32)
-            return gate * tl.sigmoid(gate) * tl.load(x_ptr + K + off).to(tl.float32)
-        return tl.load(x_ptr + off).to(tl.float32)
+    def _load_x(x_ptr, off, K, GATED: tl.constexpr, EVEN_K: tl.constexpr):
+        """x[off] as float32, 0 past K (where not EVEN_K); GATED: x holds [gate | up] (2K entries) and the input is
+        silu(gate) * up."""
+        if EVEN_K:
+            x = tl.load(x_ptr + off).to(tl.float32)
+            if GATED:
+                x = x * tl.sigmoid(x) * tl.load(x_ptr + K + off).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + off, mask=off < K, other=0.0).to(tl.float32)
+            if GATED:
+                x = x * tl.sigmoid(x) * tl.load(x_ptr + K + off, mask=off < K, other=0.0).to(tl.float32)
+        return x
 
     @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED"], **_TUNE)
+    @triton.heuristics(_EVEN_K)
     @triton.jit
     def _gemv_kernel(
         x_ptr,  # [K], or [2K] (GATED)
@@ -140,6 +153,7 @@ if triton is not None:
         y_ptr,  # [N]
         g_ptr,  # [K] RMSNorm weight (NORM)
         r_ptr,  # [N] residual (RESIDUAL)
+        b_ptr,  # [N] bias (BIAS)
         N,
         K,
         eps,
@@ -148,16 +162,18 @@ if triton is not None:
         NORM: tl.constexpr,  # y = W (g * x * rsqrt(mean(x^2) + eps)): the RMSNorm before the matmul, fused
         RESIDUAL: tl.constexpr,  # y += r: the residual add after it
         GATED: tl.constexpr,  # x = [gate | up], the input is silu(gate) * up: the SwiGLU before the down projection
+        BIAS: tl.constexpr,  # y += b
         PDL: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         """Every program reads all of x anyway, so the norm costs it a sum of squares and a multiply by g per
         chunk, and one scale at the end (the rsqrt is the same for every output row)."""
         _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        if QUANT == 2:  # chunks of [BLOCK_N rows, NG groups, HG bytes] (see _int4_chunk)
+        if QUANT == 2:  # chunks of [BLOCK_N rows, NG groups, HG bytes] (see _int4_chunk); BLOCK_K divides K
             NG: tl.constexpr = BLOCK_K // GROUP
             HG: tl.constexpr = GROUP // 2
             rg, rj = tl.arange(0, NG), tl.arange(0, HG)
@@ -166,8 +182,8 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
                 off = k0 + 2 * (rg[:, None] * HG + rj[None, :])
-                xe = _load_x(x_ptr, off, K, GATED)
-                xo = _load_x(x_ptr, off + 1, K, GATED)
+                xe = _load_x(x_ptr, off, K, GATED, True)
+                xo = _load_x(x_ptr, off + 1, K, GATED, True)
                 if NORM:
                     ss += xe * xe + xo * xo
                     xe = xe * tl.load(g_ptr + off).to(tl.float32)
@@ -180,15 +196,20 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=n_ok[:, None], other=0)
+                kk = k0 + rk
+                wp = w_ptr + rn[:, None] * K + kk[None, :]
+                if EVEN_K:
+                    w = tl.load(wp, mask=n_ok[:, None], other=0)
+                else:
+                    w = tl.load(wp, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
                 if QUANT == 1:
-                    w = _as_float(w.to(tl.int32), 128, 0)
+                    w = _as_float(w.to(tl.int32), 128, 0)  # (masked entries: 0 -> 0 here, times x = 0 there)
                 else:
                     w = w.to(tl.float32)
-                xk = _load_x(x_ptr, k0 + rk, K, GATED)
+                xk = _load_x(x_ptr, kk, K, GATED, EVEN_K)
                 if NORM:
                     ss += xk * xk
-                    xk = xk * tl.load(g_ptr + k0 + rk).to(tl.float32)
+                    xk = xk * _load_x(g_ptr, kk, K, False, EVEN_K)
                 acc += w * xk[None, :]
             sum_sq = tl.sum(ss, axis=0)
         y = tl.sum(acc, axis=1)
@@ -196,34 +217,51 @@ if triton is not None:
             y = y * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if NORM:
             y = y * tl.rsqrt(sum_sq / K + eps)
+        if BIAS:
+            y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if RESIDUAL:
             y += tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
-    @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M"], **_TUNE)
+    @triton.autotune(
+        configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M", "NORM", "RESIDUAL", "GATED"], **_TUNE
+    )
+    @triton.heuristics(_EVEN_K)
     @triton.jit
     def _gemm_kernel(
-        x_ptr,  # [M, K] row-major
+        x_ptr,  # [M, K] row-major, or [M, 2K] (GATED)
         w_ptr,
         s_ptr,
         y_ptr,  # [M, N]
+        g_ptr,  # [K] RMSNorm weight (NORM)
+        r_ptr,  # [M, N] residual (RESIDUAL)
+        b_ptr,  # [N] bias (BIAS)
         M,
         N,
         K,
+        eps,
         QUANT: tl.constexpr,
         GROUP: tl.constexpr,
+        NORM: tl.constexpr,  # as in _gemv_kernel, per row of x (quant 0 and 1)
+        RESIDUAL: tl.constexpr,
+        GATED: tl.constexpr,  # (quant 0 and 1)
+        BIAS: tl.constexpr,
         PDL: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
+        """The fusions of _gemv_kernel for a few tokens: a tile of x is gated (silu(gate) * up) or multiplied by
+        the norm weight g in float32 before it goes to tl.dot, and each row's sum of squares is kept for one scale
+        of that row at the end."""
         _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         dt = x_ptr.dtype.element_ty
-        if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd)
+        if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); BLOCK_K divides K
             rb = tl.arange(0, BLOCK_K // 2)
             for k0 in range(0, K, BLOCK_K):
                 we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
@@ -236,16 +274,42 @@ if triton is not None:
                 acc += tl.dot(xo, tl.trans(wo))
         else:
             rk = tl.arange(0, BLOCK_K)
+            ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            row = rm[:, None] * (2 * K if GATED else K)
             for k0 in range(0, K, BLOCK_K):
-                w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=n_ok[:, None], other=0)
+                kk = k0 + rk
+                wp = w_ptr + rn[:, None] * K + kk[None, :]
+                xp = x_ptr + row + kk[None, :]
+                if EVEN_K:
+                    w = tl.load(wp, mask=n_ok[:, None], other=0)
+                    x = tl.load(xp, mask=m_ok[:, None], other=0.0)
+                else:
+                    w = tl.load(wp, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
+                    x = tl.load(xp, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
                 if QUANT == 1:
-                    w = _as_float(w.to(tl.int32), 128, 0).to(dt)
-                x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_ok[:, None], other=0.0)
+                    w = _as_float(w.to(tl.int32), 128, 0)
+                if GATED:
+                    gate = x.to(tl.float32)
+                    if EVEN_K:
+                        up = tl.load(xp + K, mask=m_ok[:, None], other=0.0)
+                    else:
+                        up = tl.load(xp + K, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+                    x = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(dt)
+                if NORM:
+                    xf = x.to(tl.float32)
+                    ss += tl.sum(xf * xf, axis=1)
+                    x = (xf * _load_x(g_ptr, kk, K, False, EVEN_K)[None, :]).to(dt)
                 acc += tl.dot(x, tl.trans(w.to(dt)))
+            if NORM:
+                acc = acc * tl.rsqrt(ss / K + eps)[:, None]
         if QUANT == 1:
             acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        y = y_ptr + rm[:, None] * N + rn[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        y_mask = m_ok[:, None] & n_ok[None, :]
+        if BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if RESIDUAL:
+            acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=y_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, gated: bool) -> tuple[int, int, int]:
@@ -272,64 +336,72 @@ def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, gated
 
 @torch.library.custom_op("llmgen::wmm", mutates_args=())
 def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tensor | None = None, eps: float = 0.0,
-        residual: Tensor | None = None, gated: bool = False) -> Tensor:  # fmt: skip
+        residual: Tensor | None = None, gated: bool = False, bias: Tensor | None = None) -> Tensor:  # fmt: skip
     """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring.
 
-    One token (M = 1) only: g [K] applies RMSNorm (weight g, epsilon eps) to x first; gated: x is [1, 2K] =
-    [gate | up] and the input is silu(gate) * up; residual [1, N] is added to the result. All inside the kernel:
-    residual + W @ rmsnorm(x)."""
+    Fusions, all inside the one kernel (residual + W @ rmsnorm(x) + bias): g [K] applies RMSNorm (weight g, epsilon
+    eps) to every row of x first; gated: x is [M, 2K] = [gate | up] and the input is silu(gate) * up; residual [M, N]
+    and bias [N] are added to the result. int4 takes the norm and the gating for one token only."""
     m, n, k = _check(x, w, s, quant, group, gated)
-    if (g is not None or residual is not None or gated) and m != 1:
-        raise ValueError(f"the fused norm / residual add / gating take one token, got {m}")
-    if g is not None and g.shape != (k,) or residual is not None and residual.shape != (1, n):
+    if (g is not None or gated) and m != 1 and quant == INT4:
+        raise ValueError(f"int4: the fused norm / gating take one token, got {m}")
+    if g is not None and g.shape != (k,) or residual is not None and residual.shape != (m, n):
         shapes = [None if t is None else tuple(t.shape) for t in (g, residual)]
-        raise ValueError(f"norm weight / residual of shapes {shapes} for N={n}, K={k}")
+        raise ValueError(f"norm weight / residual of shapes {shapes} for M={m}, N={n}, K={k}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} for N={n}")
     if g is not None and gated:
         raise ValueError("a norm and gating together are not supported")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     s = s if s is not None else w  # placeholder pointers the kernel never reads
-    norm, res = g is not None, residual is not None
-    g, r = g if norm else x, residual if res else x
+    flags = dict(QUANT=quant, GROUP=group, NORM=g is not None, RESIDUAL=residual is not None, GATED=gated,
+                 BIAS=bias is not None, PDL=PDL)  # fmt: skip
+    g, r, b = (t if t is not None else x for t in (g, residual, bias))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:
-        _gemv_kernel[grid](x, w, s, y, g, r, n, k, eps, QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=res, GATED=gated,
-                           PDL=PDL, launch_pdl=PDL)  # fmt: skip
+        _gemv_kernel[grid](x, w, s, y, g, r, b, n, k, eps, **flags, launch_pdl=PDL)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        _gemm_kernel[grid](x, w, s, y, m, n, k, QUANT=quant, GROUP=group, PDL=PDL, BLOCK_M=block_m, launch_pdl=PDL)
+        _gemm_kernel[grid](x, w, s, y, g, r, b, m, n, k, eps, **flags, BLOCK_M=block_m, launch_pdl=PDL)
     return y
 
 
 @wmm.register_fake
-def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False):
+def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False, bias=None):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-# The norm / residual add / gating go into the one-token GEMV for inputs of K >= FUSE_MIN_K only. Measured on an H200
-# (BENCHMARKS.md): norm and residual +2.7% tok/s on the Llama-2-7B shape (K = 4096, 11008); on SmolLM2 (K = 576,
-# 1536) -1.3% once and, with the gating too, +1.0% another time (both within the noise), where each program's extra
-# sum of squares and norm-weight loads cost about what the separate kernel does. The same fusions in the few-token
-# tl.dot kernel were tried and dropped: 10 us per call against cuBLAS's 3-4 us on SmolLM2's EAGLE shapes, which made
-# an EAGLE round 40% slower.
+# Where the RMSNorm before a matmul, the residual add after it and the SwiGLU gating go into our matmul kernel
+# instead of kernels of their own (Inductor's):
+# - one token: inputs of K >= FUSE_MIN_K only. Measured on an H200 (BENCHMARKS.md): +2.7% tok/s on the Llama-2-7B shape
+#   (K = 4096, 11008); on SmolLM2 (K = 576, 1536) -1.3% once and +1.0% another time (within the noise), back when K =
+#   576 ran as nine chunks of 64.
+# - 2-64 tokens (EAGLE's tree steps and verification; bf16 and int8): only where FEW_FUSE is turned on (bench.py
+#   --few-fuse). Three launches fewer per layer, but measured slower: on SmolLM2 (H200, MT-bench, sixth session) an
+#   EAGLE round took 1.857 ms with it against 1.171 ms without (a first try in the third session: 10 us a call). The
+#   norm or gating between the tile's load and tl.dot costs more than the kernels it saves.
 FUSE_MIN_K = 2048
+FEW_FUSE = False
 
 
-def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None,
-              n: int, gated: bool = False) -> Tensor | None:  # fmt: skip
-    """residual + W @ norm(x) (or W @ (silu(gate) * up) for a gated x [..., 2K]) as one `wmm` for a one-token x on
-    CUDA, or None where that does not apply (several tokens, CPU, dtypes that differ, K < FUSE_MIN_K with a fusion
-    asked) and the caller runs the steps apart. norm: a model.RMSNorm or None."""
+def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None, n: int,
+              gated: bool = False, bias: Tensor | None = None, max_m: int = MAX_M) -> Tensor | None:  # fmt: skip
+    """residual + W @ norm(x) + bias (or W @ (silu(gate) * up) for a gated x [..., 2K]) as one `wmm` for up to max_m
+    tokens on CUDA, or None where that does not apply (no fusion asked, CPU, dtypes that differ, the rules above) and
+    the caller runs the steps apart. norm: a model.RMSNorm or None."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] != 1 or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
+    m, k = x2.shape[0], x2.shape[1] // (2 if gated else 1)
+    if norm is None and residual is None and not gated or m > max_m:
         return None
-    k = x2.shape[1] // (2 if gated else 1)
-    if (norm is not None or residual is not None or gated) and k < FUSE_MIN_K:
+    if not available(x2) or (w.dtype != x2.dtype and quant == NONE):
+        return None
+    if m == 1 and k < FUSE_MIN_K or m > 1 and (not FEW_FUSE or quant == INT4):
         return None
     g = None if norm is None else norm.weight
-    if g is not None and g.dtype != x2.dtype or residual is not None and residual.dtype != x2.dtype:
+    if any(t is not None and t.dtype != x2.dtype for t in (g, residual, bias)):
         return None
-    r = None if residual is None else residual.reshape(1, n)
-    y = wmm(x2.contiguous(), w, s, quant, group, g, norm.eps if norm is not None else 0.0, r, gated)
+    r = None if residual is None else residual.reshape(m, n).contiguous()
+    y = wmm(x2.contiguous(), w, s, quant, group, g, norm.eps if norm is not None else 0.0, r, gated, bias)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -466,7 +538,8 @@ if triton is not None:
     def _attn_merge_kernel(m_ptr, l_ptr, o_ptr, y_ptr, S, NC, G: tl.constexpr, HD: tl.constexpr,
                            BLOCK_R: tl.constexpr, CB: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         """Program (kv, rb): merge the chunks' (m, l, o) of rows rb*BLOCK_R.. of KV head kv into
-        softmax(scores) @ v, written to y [S, H*HD] (the layout the output projection reads: no transpose)."""
+        softmax(scores) @ v, written to y [S, H*HD] (the layout the output projection reads: no transpose). CB chunks
+        at a time with a running maximum; CB >= NC (the usual case) is one pass, all loads issued together."""
         _pdl_start(PDL)
         kv, rb = tl.program_id(0), tl.program_id(1)
         R = G * S
@@ -474,20 +547,21 @@ if triton is not None:
         r_ok = r < R
         cb, d = tl.arange(0, CB), tl.arange(0, HD)
         big = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-        for c0 in range(0, NC, CB):  # the rows' overall maxima
-            ok = ((c0 + cb) < NC)[:, None] & r_ok[None, :]
-            mc = tl.load(m_ptr + (kv * NC + c0 + cb)[:, None] * R + r[None, :], mask=ok, other=float("-inf"))
-            big = tl.maximum(big, tl.max(mc, 0))
-        big = tl.where(big == float("-inf"), 0.0, big)
         total = tl.zeros((BLOCK_R,), tl.float32)
         acc = tl.zeros((BLOCK_R, HD), tl.float32)
         for c0 in range(0, NC, CB):
             ok = ((c0 + cb) < NC)[:, None] & r_ok[None, :]
             row = (kv * NC + c0 + cb)[:, None] * R + r[None, :]  # [CB, BLOCK_R]
-            w = tl.exp(tl.load(m_ptr + row, mask=ok, other=float("-inf")) - big[None, :])  # empty chunks: 0
-            total += tl.sum(w * tl.load(l_ptr + row, mask=ok, other=0.0), 0)
-            o = tl.load(o_ptr + row[:, :, None] * HD + d[None, None, :], mask=ok[:, :, None], other=0.0)
-            acc += tl.sum(w[:, :, None] * o, 0)
+            mc = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
+            lc = tl.load(l_ptr + row, mask=ok, other=0.0)
+            oc = tl.load(o_ptr + row[:, :, None] * HD + d[None, None, :], mask=ok[:, :, None], other=0.0)
+            new = tl.maximum(big, tl.max(mc, 0))
+            ref = tl.where(new == float("-inf"), 0.0, new)  # rows that have seen nothing yet: weights 0
+            scale = tl.exp(big - ref)  # rescales what was summed so far (0 while big is -inf)
+            w = tl.exp(mc - ref[None, :])  # empty chunks: 0
+            total = total * scale + tl.sum(w * lc, 0)
+            acc = acc * scale[:, None] + tl.sum(w[:, :, None] * oc, 0)
+            big = new
         y = acc / tl.where(total > 0, total, 1.0)[:, None]
         h, s = kv * G + r // S, r % S
         dst = y_ptr + s[:, None] * (tl.num_programs(0) * G * HD) + h[:, None] * HD + d[None, :]
@@ -495,6 +569,7 @@ if triton is not None:
 
 
 ATTN_BLOCK_T = 64  # cache slots per program of _attn_chunk_kernel
+ATTN_MERGE_CHUNKS = 16  # chunks per pass of _attn_merge_kernel (16: caches of up to 1024 slots in one pass)
 
 
 @torch.library.custom_op("llmgen::few_attention", mutates_args=())
@@ -510,8 +585,8 @@ def _few_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     nr = triton.cdiv(R, block_r)
     _attn_chunk_kernel[(KV, nc, nr)](q, k, v, mask, m, lsum, o, S, T, hd**-0.5, G=G, HD=hd, BLOCK_R=block_r,
                                      BLOCK_T=ATTN_BLOCK_T, PDL=PDL, launch_pdl=PDL)  # fmt: skip
-    merge_r = 16
-    _attn_merge_kernel[(KV, triton.cdiv(R, merge_r))](m, lsum, o, y, S, nc, G=G, HD=hd, BLOCK_R=merge_r, CB=4,
+    merge_r, cb = 4, min(triton.next_power_of_2(nc), ATTN_MERGE_CHUNKS)
+    _attn_merge_kernel[(KV, triton.cdiv(R, merge_r))](m, lsum, o, y, S, nc, G=G, HD=hd, BLOCK_R=merge_r, CB=cb,
                                                       PDL=PDL, launch_pdl=PDL)  # fmt: skip
     return y
 
@@ -569,8 +644,7 @@ if triton is not None:
 @torch.library.custom_op("llmgen::chunk_topk", mutates_args=())
 def chunk_topk(x: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
     """x [R, V] (V a multiple of chunk, a power of two) -> the top k of every chunk: float32 values and int64 indices
-    into the row, both [R, V / chunk, k], largest first. One launch; the first pass of draft.top_k (opt-in:
-    TRITON_TOPK)."""
+    into the row, both [R, V / chunk, k], largest first. One launch; the first pass of draft.top_k (TRITON_TOPK)."""
     R, V = x.shape
     v = torch.empty(R, V // chunk, k, dtype=torch.float32, device=x.device)
     i = torch.empty(R, V // chunk, k, dtype=torch.int64, device=x.device)
@@ -585,9 +659,10 @@ def _(x, k, chunk):
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64)
 
 
-# draft.top_k's first pass through chunk_topk instead of torch.topk: not measured on a GPU yet, so off by default.
-# The measured kernel table (BENCHMARKS.md, fourth session) shows torch's one-block top-k at 11-18 us per call.
-TRITON_TOPK = False
+# draft.top_k's first pass through chunk_topk instead of torch.topk (CUDA). Measured on SmolLM2 (H200, MT-bench, same
+# machine, BENCHMARKS.md, sixth session): an EAGLE round with the default tree 1.171 -> 1.039 ms (40 questions); torch's
+# one-block top-k had taken 11-18 us per call. bench.py --no-triton-topk and generate.py --kernels torch turn it off.
+TRITON_TOPK = True
 
 
 _TABLES: dict[tuple, Tensor] = {}  # the device-side address table of each list of caches seen (built outside capture)
@@ -623,33 +698,43 @@ def int4_layout(scales_and_zeros: Tensor, dtype: torch.dtype = torch.bfloat16) -
     return scales_and_zeros.transpose(0, 1).to(dtype).contiguous()
 
 
+def few_token_linear(x: Tensor, w: Tensor, bias: Tensor | None = None, max_m: int = 1) -> Tensor:
+    """F.linear(x, w, bias), through `wmm` where x has at most max_m rows of 16-bit floats on CUDA (w of x's dtype)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if 0 < x2.shape[0] <= max_m and available(x2) and w.dtype == x2.dtype and (bias is None or bias.dtype == w.dtype):
+        return wmm(x2.contiguous(), w, None, NONE, 0, bias=bias).reshape(*x.shape[:-1], w.shape[0])
+    return torch.nn.functional.linear(x, w, bias)
+
+
 class FewTokenLinear(torch.nn.Module):
-    """A bias-free dense nn.Linear whose forward uses the Triton GEMV for one token (bf16/fp16 on CUDA), the Triton
-    few-token kernel for 2..max_m tokens, and F.linear otherwise. Shares the original weight Parameter (tied embeddings
-    stay tied). max_m = 1 by default: in `bench.py --linears` the GEMV beat cuBLAS on most decode shapes (SmolLM2:
-    2.1-2.5 vs 3.3-4.7 us), while for 8-64 tokens cuBLAS was as fast or faster (BENCHMARKS.md)."""
+    """A dense nn.Linear whose forward uses the Triton GEMV for one token (bf16/fp16 on CUDA), the Triton
+    few-token kernel for 2..max_m tokens, and F.linear otherwise. Shares the original weight and bias Parameters (tied
+    embeddings stay tied). max_m = 1 by default: in `bench.py --linears` the GEMV beat cuBLAS on most decode shapes
+    (SmolLM2: 2.1-2.5 vs 3.3-4.7 us), while for 8-64 tokens cuBLAS was as fast or faster (BENCHMARKS.md); with PDL
+    generate.py takes max_m = MAX_M (see use_kernels there)."""
 
     def __init__(self, linear: torch.nn.Linear, max_m: int = 1):
         super().__init__()
-        self.weight = linear.weight
+        self.weight, self.bias = linear.weight, linear.bias
         self.in_features, self.out_features, self.max_m = linear.in_features, linear.out_features, max_m
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= self.max_m and available(x2) and x2.dtype == self.weight.dtype:
-            return wmm(x2.contiguous(), self.weight, None, NONE, 0).reshape(*x.shape[:-1], self.out_features)
-        return torch.nn.functional.linear(x, self.weight)
+        return few_token_linear(x, self.weight, self.bias, self.max_m)
 
     def fused(self, x: Tensor, norm, residual: Tensor | None, gated: bool = False) -> Tensor | None:
         """residual + self(norm(x)) (or of silu(gate) * up) in one kernel on CUDA, else None (see model.linear)."""
-        return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features, gated)
+        return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features, gated, self.bias,
+                         self.max_m)  # fmt: skip
 
 
 def use_triton_linears(model: torch.nn.Module, max_m: int = 1) -> int:
-    """Swap every bias-free nn.Linear of the model for FewTokenLinear(max_m); returns how many were swapped."""
+    """Swap every nn.Linear of the model for FewTokenLinear(max_m), and let modules with a `kernel_max_m` attribute
+    (the EAGLE head's draft-vocabulary logits) send up to max_m rows to `wmm` too; returns how many were swapped."""
     swapped = 0
     for name, mod in list(model.named_modules()):
-        if type(mod) is torch.nn.Linear and mod.bias is None:
+        if hasattr(mod, "kernel_max_m"):
+            mod.kernel_max_m = max_m
+        if type(mod) is torch.nn.Linear:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, FewTokenLinear(mod, max_m))
             swapped += 1

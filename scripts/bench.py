@@ -286,6 +286,7 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
         )
     torch.manual_seed(0)
     head = EagleHead(M.ModelArgs(**{**model.args.to_dict(), "n_layers": 1})).cuda().to(torch.bfloat16).eval()
+    apply_kernel_choice(head)  # as --mt-bench and generate.py do
     gen = G.EagleGenerator(
         model, head, tree, G.Sampling(), 1024, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=True
     )
@@ -422,6 +423,12 @@ def main() -> None:
         f"(default kernels.FUSE_MIN_K = {kernels.FUSE_MIN_K}; 0 = always)",
     )
     p.add_argument(
+        "--few-fuse",
+        action=argparse.BooleanOptionalAction,
+        default=kernels.FEW_FUSE,
+        help="RMSNorm, residual add and SwiGLU gating inside the 2-64-token Triton matmuls (kernels.FEW_FUSE)",
+    )
+    p.add_argument(
         "--draft-vocab",
         type=int,
         default=None,
@@ -431,8 +438,9 @@ def main() -> None:
     )
     p.add_argument(
         "--triton-topk",
-        action="store_true",
-        help="the draft's top-k first pass as one Triton kernel (kernels.chunk_topk; off by default until measured)",
+        action=argparse.BooleanOptionalAction,
+        default=kernels.TRITON_TOPK,
+        help="the draft's top-k first pass as one Triton kernel (kernels.chunk_topk; on by default as in generate.py)",
     )
     p.add_argument(
         "--triton-attention",
@@ -466,6 +474,7 @@ def main() -> None:
     G.set_kernels(a.kernel)
     kernels.TRITON_TOPK = a.triton_topk
     kernels.FEW_ATTENTION = a.triton_attention
+    kernels.FEW_FUSE = a.few_fuse
     pinned = kernels.pin_configs(json.loads(Path(a.configs_in).read_text())["tuned_configs"]) if a.configs_in else 0
     pdl = kernels.set_pdl(a.pdl and a.kernel != "torch")
     if a.fuse_min_k is not None:
@@ -482,6 +491,7 @@ def main() -> None:
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
+        "few_fuse": kernels.FEW_FUSE,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:

@@ -40,14 +40,15 @@ def check_all_configs():
             for cfg in configs:
                 kern.configs, kern.cache = [cfg], {}
                 bk = cfg.kwargs["BLOCK_K"]
-                for quant in (K.NONE, K.INT8, K.INT4):
-                    n, k, g = 40, 2 * bk, 64 if bk >= 64 else 32  # 40: not a multiple of BLOCK_N
+                for quant, k in ((K.NONE, 2 * bk), (K.INT8, 2 * bk), (K.INT4, 2 * bk), (K.NONE, bk + 48),
+                                 (K.INT8, 3 * bk + 16)):  # fmt: skip
+                    n, g = 40, 64 if bk >= 64 else 32  # 40: not a multiple of BLOCK_N; K not one of BLOCK_K: masked
                     w, s, ref_w = weights(quant, n, k, g)
                     for m in ms:
                         x = torch.randn(m, k)
                         y = K.wmm(x, w, s, quant, g)
                         err = rel_err(y, x @ ref_w.T)
-                        assert y.shape == (m, n) and err < 1e-5, (cfg, quant, m, err)
+                        assert y.shape == (m, n) and err < 1e-5, (cfg, quant, k, m, err)
         finally:
             kern.configs, kern.cache = configs, {}
     print("configs ok")
@@ -159,36 +160,40 @@ def check_fused():
     modules that fuse (the interpreter counts as a device here) against the plain path, under torch.compile, and a
     whole model."""
     torch.manual_seed(6)
-    for kern, ms, quants in ((K._gemv_kernel, [1], (K.NONE, K.INT8, K.INT4)),):
+    for kern, ms in ((K._gemv_kernel, [1]), (K._gemm_kernel, [2, 26])):
         configs = kern.configs
         try:
             for cfg in configs:
                 kern.configs, kern.cache = [cfg], {}
                 bk = cfg.kwargs["BLOCK_K"]
-                for quant in quants:
-                    n, k, gs = 40, 2 * bk, 64 if bk >= 64 else 32
+                for quant, k in ((K.NONE, 2 * bk), (K.INT8, 2 * bk), (K.INT4, 2 * bk), (K.NONE, bk + 48)):
+                    n, gs = 40, 64 if bk >= 64 else 32
                     w, s, ref_w = weights(quant, n, k, gs)
                     for m in ms:
                         x, g, r = torch.randn(m, k) * 3, torch.rand(k) + 0.5, torch.randn(m, n)
+                        b = torch.randn(n)
                         gate_up = torch.randn(m, 2 * k)
                         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
                         gated = F.silu(gate_up[:, :k]) * gate_up[:, k:]
-                        for xx, gg, rr, gt, ref in (
-                            (x, g, None, False, normed @ ref_w.T),
-                            (x, None, r, False, x @ ref_w.T + r),
-                            (x, g, r, False, normed @ ref_w.T + r),
-                            (gate_up, None, None, True, gated @ ref_w.T),
-                            (gate_up, None, r, True, gated @ ref_w.T + r),
+                        for xx, gg, rr, gt, bb, ref in (
+                            (x, g, None, False, None, normed @ ref_w.T),
+                            (x, None, r, False, None, x @ ref_w.T + r),
+                            (x, g, r, False, b, normed @ ref_w.T + r + b),
+                            (gate_up, None, None, True, None, gated @ ref_w.T),
+                            (gate_up, None, r, True, None, gated @ ref_w.T + r),
+                            (x, None, None, False, b, x @ ref_w.T + b),
                         ):
-                            y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, rr, gt)
+                            if quant == K.INT4 and m > 1 and (gg is not None or gt):
+                                continue  # int4: norm and gating for one token only
+                            y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, rr, gt, bb)
                             err = rel_err(y, ref)
-                            assert err < 1e-5, (cfg, quant, m, gg is None, rr is None, gt, err)
+                            assert err < 1e-5, (cfg, quant, k, m, gg is None, rr is None, gt, bb is None, err)
         finally:
             kern.configs, kern.cache = configs, {}
     w4, s4, _ = weights(K.INT4, 8, 64, 32)
     for bad in (
-        lambda: K.wmm(torch.randn(2, 64), w4, s4, K.INT4, 32, torch.ones(64), 1e-5, None),  # one token only
-        lambda: K.wmm(torch.randn(2, 128), torch.randn(8, 64), None, K.NONE, 0, None, 0.0, None, True),
+        lambda: K.wmm(torch.randn(2, 64), w4, s4, K.INT4, 32, torch.ones(64), 1e-5, None),  # int4: one token only
+        lambda: K.wmm(torch.randn(2, 64), torch.randn(8, 64), None, K.NONE, 0, bias=torch.ones(7)),
         lambda: K.wmm(torch.randn(1, 128), torch.randn(8, 64), None, K.NONE, 0, torch.ones(64), 1e-5, None, True),
         lambda: K.wmm(torch.randn(1, 63), torch.randn(8, 32), None, K.NONE, 0, None, 0.0, None, True),
         lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, torch.ones(32), 1e-5, None),
@@ -212,14 +217,24 @@ def check_fused():
     refs = {id(m): (M.linear(m, x, norm, r), M.linear(m, gu, None, r, gated=True)) for m in (few, i8)}  # plain path
     assert few.fused(x, norm, r) is None
     real, K.available = K.available, lambda x: True
-    assert few.fused(x, norm, r) is None and few.fused(x, None, None) is not None  # K = 128 < FUSE_MIN_K
+    assert few.fused(x, norm, r) is None and few.fused(x, None, None) is None  # K = 128 < FUSE_MIN_K; no fusion
     min_k, K.FUSE_MIN_K = K.FUSE_MIN_K, 0
     try:
         for m in (few, i8):
             assert m.fused(x, norm, r) is not None and m.fused(gu, None, r, True) is not None
             assert rel_err(M.linear(m, x, norm, r), refs[id(m)][0]) < 1e-5
             assert rel_err(M.linear(m, gu, None, r, gated=True), refs[id(m)][1]) < 1e-5
-            assert m.fused(torch.randn(1, 2, dim), norm, None) is None  # two tokens: not fused
+        assert few.fused(torch.randn(1, 2, dim), norm, None) is None  # two tokens, max_m = 1: not fused
+        few26 = K.FewTokenLinear(torch.nn.Linear(dim, n), max_m=K.MAX_M)  # with a bias
+        x26, r26 = torch.randn(1, 26, dim), torch.randn(1, 26, n)
+        ref26 = r26 + F.linear(norm(x26), few26.weight, few26.bias)
+        few_flag = K.FEW_FUSE
+        for K.FEW_FUSE in (False, True):  # 2-64 tokens: fused only where FEW_FUSE is on (int8 takes up to MAX_M)
+            assert (i8.fused(torch.randn(1, 2, dim), norm, None) is not None) == K.FEW_FUSE
+            assert (few26.fused(x26, norm, r26) is not None) == K.FEW_FUSE
+            assert rel_err(M.linear(few26, x26, norm, r26), ref26) < 1e-5
+        K.FEW_FUSE = few_flag
+        assert rel_err(few26(x26), F.linear(x26, few26.weight, few26.bias)) < 1e-5
         f = torch.compile(lambda x: M.linear(few, x, norm, r) * 2, fullgraph=True, backend="aot_eager")
         with torch.no_grad():  # inference only: the op has no autograd formula
             assert rel_err(f(x), refs[id(few)][0] * 2) < 1e-5
@@ -308,12 +323,20 @@ def check_few_attention():
     K.available, K.FEW_ATTENTION = (lambda t: True), True
     try:
         for dtype in (torch.float32, torch.float16):
-            for H, KV, S, T, hd in ((6, 2, 26, 200, 16), (4, 4, 1, 64, 32), (9, 3, 60, 130, 16), (2, 1, 5, 300, 64)):
+            for H, KV, S, T, hd in (
+                (6, 2, 26, 200, 16),
+                (4, 4, 1, 64, 32),
+                (9, 3, 60, 130, 16),
+                (2, 1, 5, 300, 64),
+                (3, 1, 2, 1100, 16),
+            ):  # fmt: skip  (1100: 18 chunks, merged in two passes)
                 q = torch.randn(1, H, S, hd).to(dtype)
                 k, v = torch.randn(1, KV, T, hd).to(dtype), torch.randn(1, KV, T, hd).to(dtype)
-                seen = min(T, 70)  # slots >= 70 are seen by no row: their chunks read no K/V
+                seen = min(T, 70) if T < 1000 else 1050  # slots >= seen are seen by no row: their chunks read no K/V
                 mask = torch.rand(1, 1, S, T) < 0.4
                 mask[..., seen:] = False
+                if T > 1000:  # the largest scores in a late chunk: the running maximum rescales what came before
+                    k[0, :, 1000:1040] *= 4
                 mask[..., torch.arange(S), torch.arange(S) % seen] = True  # every row sees something
                 y = K.few_token_attention(q, k, v, mask)
                 ref = M.small_attention(q.float(), k.float(), v.float(), mask).transpose(1, 2).reshape(1, S, H * hd)

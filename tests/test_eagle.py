@@ -484,3 +484,27 @@ def test_draft_vocabulary_rows_from_a_quantized_lm_head(tiny_ckpt):
     ids = torch.tensor([9, 1, 5, *range(20, 40)])
     head.restrict_vocab(ids, model)
     torch.testing.assert_close(head.vocab_rows, Q.dequantize_int8(q, s)[ids.sort().values])
+
+
+@torch.inference_mode()
+def test_kernel_swap_covers_the_heads_biased_fc_and_vocab_logits(tiny_ckpt):
+    """use_triton_linears also takes linears with a bias (the head's fc) and hands its max_m to the head's
+    draft-vocabulary logits; where Triton does not run (CPU) every output stays exactly the same."""
+    import kernels as K
+
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    model = load(tiny_ckpt)
+    head = random_head(args, 3)
+    head.restrict_vocab(torch.arange(0, args.vocab_size, 2), model)
+    emb, feats = torch.randn(1, 5, args.dim), torch.randn(1, 5, args.dim)
+    head.setup_cache(16, 4)
+    pos = torch.arange(5)
+    mask = (torch.arange(20)[None] <= pos[:, None])[None, None]
+    before = head.logits(model, head(emb, feats, pos, pos, mask))
+    fc = head.fc
+    assert K.use_triton_linears(head, K.MAX_M) == 5  # fc (with its bias), wqkv, wo, w13, w2
+    assert K.use_triton_linears(head, K.MAX_M) == 0  # nothing twice
+    assert isinstance(head.fc, K.FewTokenLinear) and head.fc.bias is fc.bias and head.kernel_max_m == K.MAX_M
+    after = head.logits(model, head(emb, feats, pos, pos, mask))
+    assert torch.equal(before, after)
+    assert set(head.state_dict()) == set(random_head(args, 3).state_dict())  # saved heads keep their key names
