@@ -665,7 +665,22 @@ def _(x, k, chunk):
 TRITON_TOPK = True
 
 
-_TABLES: dict[tuple, Tensor] = {}  # the device-side address table of each list of caches seen (built outside capture)
+_TABLES: dict[tuple, Tensor] = {}  # the device-side address table of each list of caches (see cache_table)
+
+
+def cache_table(caches: list[Tensor]) -> Tensor:
+    """The device-side address table of a list of caches, for copy_rows: made on first use and kept. Call it once
+    where no CUDA graph is being recorded or warmed up (model.Transformer.setup_caches does): a table first made inside
+    torch.compile's CUDA-graph warm-up (`--eagle-timing` compiles the verification with mode="reduce-overhead") would
+    come from the graphs' private memory pool and outlive the run that made it, which CUDA graph trees refuse
+    ("Detected 1 tensor(s) in the cudagraph pool not tracked as outputs": `bench.py --rounds`, sixth session)."""
+    key = tuple(c.data_ptr() for c in caches)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = torch.tensor(key, dtype=torch.int64, device=caches[0].device)
+    return table
+
+
 _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -682,10 +697,7 @@ def copy_rows(caches: list[Tensor], src: Tensor, dst: Tensor) -> None:
         for c in caches:
             c.index_copy_(2, dst, c.index_select(2, src))
         return
-    key = tuple(c.data_ptr() for c in caches)
-    table = _TABLES.get(key)
-    if table is None:
-        table = _TABLES[key] = torch.tensor(key, dtype=torch.int64, device=c0.device)
+    table = cache_table(caches)
     dt = getattr(tl, _TL_DTYPES[c0.dtype])
     grid = (len(caches), c0.size(0) * c0.size(1))
     r_pad = max(2, triton.next_power_of_2(R))

@@ -291,6 +291,8 @@ class Transformer(nn.Module):
             )
         self.rope = rope_table(self.args, max_seq_length).to(device)
         self.max_seq_length = max_seq_length
+        if device.type == "cuda" or kernels.INTERPRET:  # copy_slots' address table, made outside any CUDA graph
+            kernels.cache_table(self.kv_caches())
 
     def causal_mask(self, cache_pos: Tensor) -> Tensor:
         """[1, 1, S, T]: token s sees slots <= cache_pos[s]."""
@@ -316,8 +318,11 @@ class Transformer(nn.Module):
     def copy_slots(self, src: Tensor, dst: Tensor) -> None:
         """Move KV rows src -> dst (both [n]) in every layer: compaction of an accepted tree path (one kernel for all
         layers on CUDA: kernels.copy_rows)."""
-        caches = [t for layer in self.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
-        kernels.copy_rows(caches, src, dst)
+        kernels.copy_rows(self.kv_caches(), src, dst)
+
+    def kv_caches(self) -> list[Tensor]:
+        """Every layer's K and V cache, in layer order: [k0, v0, k1, v1, ...]."""
+        return [t for layer in self.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

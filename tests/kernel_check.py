@@ -279,6 +279,13 @@ def check_copy_rows():
             for r in ref:
                 r.index_copy_(2, dst_t, r.index_select(2, src_t))
             assert all(torch.equal(a, b) for a, b in zip(caches, ref, strict=True)), (dtype, src, dst)
+    # setup_caches makes the model's address table, so copy_slots (inside CUDA graphs on a GPU) never allocates one
+    model = M.Transformer(M.ModelArgs.from_name("tiny"))
+    model.setup_caches(1, 32)
+    tables = dict(K._TABLES)
+    assert tuple(c.data_ptr() for c in model.kv_caches()) in tables
+    model.copy_slots(torch.tensor([5, 6]), torch.tensor([2, 3]))
+    assert K._TABLES == tables
     print("copy_rows ok")
 
 
