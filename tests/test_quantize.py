@@ -251,18 +251,26 @@ def test_int4_linear_cuda_tinygemm(groupsize, in_features):
             assert y.dtype == dtype and rel_err(y.float().cpu(), ref) < 2e-2
 
 
-@pytest.mark.parametrize("quant", [{"mode": "int8"}, {"mode": "int4", "groupsize": 128}])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        {"mode": "int8"},
+        {"mode": "int4", "groupsize": 128},  # as int4 files written before keep_tied_head (they still load)
+        {"mode": "int4", "groupsize": 128, "keep_tied_head": True},
+    ],
+)
 @pytest.mark.parametrize("tie", [False, True])
 def test_swap_linears_builds_the_stored_layout(quant, tie):
     """A meta model after swap_linears has exactly the keys, shapes and dtypes that quantize_state_dict writes."""
     args = M.ModelArgs(**{**M.PRESETS["tiny"], "tie_embeddings": tie, "qkv_bias": tie})
     sd = {k: v for k, v in M.Transformer(args).state_dict().items() if not (tie and k == "output.weight")}
     qsd, report = Q.quantize_state_dict(sd, args, quant, progress=False)
-    assert len(report["quantized"]) == 4 * args.n_layers + 1 and report["untied"] == tie
+    kept = tie and quant.get("keep_tied_head", False)  # the tied head stays the embedding's bf16 table
+    assert len(report["quantized"]) == 4 * args.n_layers + (0 if kept else 1) and report["untied"] == (tie and not kept)
     with torch.device("meta"):
         model = M.Transformer(args)
     Q.swap_linears(model, quant)
-    assert model.args.tie_embeddings is False  # the quantized head is its own tensor
+    assert model.args.tie_embeddings is kept  # else the quantized head is its own tensor
 
     def layout(sd):  # float tensors: the loader casts them (stored bf16, model fp32); others must match exactly
         return {k: (tuple(v.shape), "float" if v.is_floating_point() else v.dtype) for k, v in sd.items()}
@@ -295,10 +303,17 @@ def test_cli_end_to_end(tmp_path, capsys, mode, groupsize, tie, tol):
 
     # stored format: device independent, exactly the documented dtypes and shapes
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["quantization"] == ({"mode": "int8"} if mode == "int8" else {"mode": "int4", "groupsize": groupsize})
+    int4 = {"mode": "int4", "groupsize": groupsize, "keep_tied_head": True}
+    assert ckpt["quantization"] == ({"mode": "int8"} if mode == "int8" else int4)
     sd = ckpt["state_dict"]
     out, dim = args.vocab_size, args.dim
-    if mode == "int8":
+    head_kept = mode == "int4" and tie  # int4 keeps a tied LM head as the embedding's bf16 table
+    if head_kept:
+        assert sd["output.weight"].dtype == torch.bfloat16 and torch.equal(
+            sd["output.weight"], sd["tok_embeddings.weight"]
+        )
+        assert "own tensor" not in summary and "output (int4 keeps a tied LM head in bf16" in summary
+    elif mode == "int8":
         assert sd["output.weight"].dtype == torch.int8 and sd["output.weight"].shape == (out, dim)
         assert sd["output.scales"].dtype == torch.float32 and sd["output.scales"].shape == (out,)
     else:
@@ -310,14 +325,18 @@ def test_cli_end_to_end(tmp_path, capsys, mode, groupsize, tie, tol):
         assert w2.shape == (dim, args.intermediate_size // 2)
     assert sd["tok_embeddings.weight"].dtype == torch.bfloat16 and sd["norm.weight"].dtype == torch.bfloat16
     quantized_linears = {k.rpartition(".")[0] for k, v in sd.items() if v.dtype in (torch.int8, torch.uint8)}
-    assert quantized_linears == {name for name, _ in Q.quantizable_linears(M.Transformer(args))}
+    expected = {name for name, _ in Q.quantizable_linears(M.Transformer(args))} - ({"output"} if head_kept else set())
+    assert quantized_linears == expected
     scales = "scales" if mode == "int8" else "scales_and_zeros"
     float_keys = set(float_model(tmp_path).state_dict())  # output.weight included, also when tied
     assert set(sd) == float_keys | {f"{name}.{scales}" for name in quantized_linears}  # no device-specific extras
 
     tokens = torch.randint(0, args.vocab_size, (24,), generator=torch.Generator().manual_seed(0))
     quantized = M.load_model(path, device="cpu", dtype=torch.float32)
-    assert isinstance(quantized.output, Q.WeightOnlyInt8Linear if mode == "int8" else Q.WeightOnlyInt4Linear)
+    if head_kept:
+        assert quantized.output.weight is quantized.tok_embeddings.weight and quantized.args.tie_embeddings
+    else:
+        assert isinstance(quantized.output, Q.WeightOnlyInt8Linear if mode == "int8" else Q.WeightOnlyInt4Linear)
     y, ref = logits(quantized, tokens), logits(dequantized_model(path), tokens)
     assert rel_err(y, ref) < 1e-4  # the quantized modules compute exactly this model
     with torch.inference_mode():  # one decode step: a single token, the int4 kernel path in float32
@@ -423,6 +442,40 @@ def test_perplexity_cli(tiny_ckpt, tmp_path, capsys):
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
+def test_int4_refinement_lowers_the_weighted_error():
+    """Least-squares rounds (quantize_int4's refine) never raise the column-weighted squared error of min-max, lower
+    it on ordinary weights, keep the storage convention, and leave weights that lie on a 4-bit grid exact."""
+    torch.manual_seed(3)
+    n, k, g = 24, 256, 64
+    w = torch.randn(n, k) * torch.logspace(-2, 0, n)[:, None] + 0.1 * torch.randn(n, 1)
+    cw = torch.rand(k) * 3 + 0.05
+
+    def err(q, sz, weight):
+        return ((Q.dequantize_int4(Q.pack_int4(q), sz, g) - w).square() * weight).sum().item()
+
+    for weight in (torch.ones(k), cw):
+        col = None if weight is not cw else cw
+        errs = [err(*Q.quantize_int4(w, g, r, col), weight) for r in (0, 1, 2, 5, 10)]
+        assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:], strict=False)) and errs[-1] < 0.97 * errs[0]
+    q, sz = Q.quantize_int4(w, g, 10, cw)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and sz.shape == (k // g, n, 2)
+    grid = (torch.randint(0, 16, (n, k)).float() - 8) * 0.01 + 0.5  # already on a 4-bit grid
+    grid[:, ::g], grid[:, 1::g] = 0.42, 0.57  # levels 0 and 15 in every group
+    qg, szg = Q.quantize_int4(grid, g, 10, cw)
+    torch.testing.assert_close(Q.dequantize_int4(Q.pack_int4(qg), szg, g), grid, rtol=0, atol=1e-6)
+
+
+def test_int4_norm_weights_for_refinement():
+    """input_norm_weight finds the RMSNorm in front of wqkv, w13 and the LM head, and nothing for wo and w2."""
+    sd = {"layers.3.attention_norm.weight": torch.ones(4), "layers.3.ffn_norm.weight": 2 * torch.ones(4),
+          "norm.weight": 3 * torch.ones(4)}  # fmt: skip
+    assert Q.input_norm_weight("layers.3.attention.wqkv", sd) is sd["layers.3.attention_norm.weight"]
+    assert Q.input_norm_weight("layers.3.feed_forward.w13", sd) is sd["layers.3.ffn_norm.weight"]
+    assert Q.input_norm_weight("output", sd) is sd["norm.weight"]
+    assert Q.input_norm_weight("layers.3.attention.wo", sd) is None
+    assert Q.input_norm_weight("layers.3.feed_forward.w2", sd) is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SmolLM2-135M: NLL of the quantized models against bf16 on held-out text (needs the converted checkpoint)
 
@@ -445,13 +498,6 @@ def smol(tmp_path_factory):
 )
 def test_smollm2_nll(smol, mode, groupsize, max_delta):
     folder, ids, base = smol
-    sd = torch.load(folder / "model.pth", mmap=True, weights_only=True)
-    grid = Q.detect_4bit_grid([v for k, v in sd.items() if k.startswith("layers.0.") and v.dim() == 2])
-    if mode == "int4" and groupsize and grid and groupsize > grid:
-        pytest.skip(
-            f"the source weights already lie on a 4-bit grid of {grid}-wide groups (GGUF Q4_1): g{groupsize} "
-            f"requantizes them onto a misaligned grid (measured +0.375 nats); the default-groupsize case covers int4"
-        )
     path, summary = Q.quantize_checkpoint(folder, mode, groupsize, device="cpu", progress=False)
     nll = PPL.evaluate_nll(M.load_model(path, device="cpu", dtype=torch.bfloat16), ids)["nll"]
     print(f"{path.name}: nll {nll:.4f} vs bf16 {base:.4f} (+{nll - base:.4f} nats)")
