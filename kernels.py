@@ -9,17 +9,19 @@ Batch-1 decoding (M = 1) and EAGLE tree verification (M = 8..64) read every weig
 bound by memory bandwidth, and what matters is reading the weight at full speed and converting it cheaply:
 
 - M = 1 (`_gemv_kernel`): each program owns BLOCK_N output rows and walks K in BLOCK_K chunks, accumulating
-  w * x elementwise in float32 registers and reducing once at the end (no tensor cores: nothing to multiply).
+  w * x elementwise in float32 registers and reducing once at the end (no tensor cores: nothing to multiply). The
+  chunks are dependent steps, so for small K few and wide ones win: bf16 and int8 mask a last, partial chunk (K = 576
+  in one chunk of 1024 rather than nine of 64; int4 keeps whole groups, so its BLOCK_K divides K).
 - M > 1 (`_gemm_kernel`): the same walk, but the converted chunk goes through tl.dot against a BLOCK_M-row tile of x
   (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs.
 - Integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for 0 <= i < 2^23, so
   one integer add and one float subtract replace a conversion instruction (which runs at 1/8 rate on Hopper).
 
 Both kernels are autotuned per (N, K, quant[, BLOCK_M]) over a few block shapes on first use, and wrapped as the
-custom op `llmgen::wmm`, so torch.compile treats a call as one opaque kernel and CUDA graphs capture it. For one
-token the GEMV can also apply the RMSNorm that precedes the matmul and add the residual that follows it
+custom op `llmgen::wmm`, so torch.compile treats a call as one opaque kernel and CUDA graphs capture it. Both add a
+bias if there is one. They can also apply the RMSNorm that precedes the matmul and add the residual that follows it
 (`fused_wmm`, used through model.linear), two fewer launches per layer, and the SwiGLU gating before the down
-projection.
+projection: used for one token where K >= FUSE_MIN_K, for 2-64 tokens only where FEW_FUSE is on (measured slower).
 
 More custom ops cut launches elsewhere: `rope_and_cache` (RoPE on q and k, k and v into their cache slots: one
 kernel per layer instead of three), `few_token_attention` (attention of 1-64 query tokens in two kernels instead of
