@@ -33,16 +33,22 @@ def weights(quant, n, k, g):
 
 
 def check_all_configs():
+    """Every block-shape config, as the autotuner would run it for the shape: pruned first (`_prune`; triton's
+    autotuner skips pruning where it holds a single config, so the test prunes itself)."""
     torch.manual_seed(0)
     for kern, ms in ((K._gemv_kernel, [1]), (K._gemm_kernel, [2, 17, 26, 64])):
         configs = kern.configs
         try:
             for cfg in configs:
-                kern.configs, kern.cache = [cfg], {}
                 bk = cfg.kwargs["BLOCK_K"]
                 for quant, k in ((K.NONE, 2 * bk), (K.INT8, 2 * bk), (K.INT4, 2 * bk), (K.NONE, bk + 48),
-                                 (K.INT8, 3 * bk + 16)):  # fmt: skip
-                    n, g = 40, 64 if bk >= 64 else 32  # 40: not a multiple of BLOCK_N; K not one of BLOCK_K: masked
+                                 (K.INT8, 3 * bk + 16), (K.INT4, bk + 64)):  # fmt: skip
+                    # n = 40: not a multiple of BLOCK_N. K not a multiple of BLOCK_K: bf16 and int8 mask the last
+                    # chunk, int4 (no mask) must be given a BLOCK_K that divides K (here 64)
+                    n, g = 40, 64 if bk >= 64 else 32
+                    pruned = K._prune([cfg], {"K": k, "N": n}, QUANT=quant, GROUP=g if quant == K.INT4 else 0)
+                    assert len(pruned) == 1 and (quant != K.INT4 or k % pruned[0].kwargs["BLOCK_K"] == 0)
+                    kern.configs, kern.cache = pruned, {}
                     w, s, ref_w = weights(quant, n, k, g)
                     for m in ms:
                         x = torch.randn(m, k)
