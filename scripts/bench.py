@@ -4,7 +4,8 @@
     python scripts/bench.py --rounds --model smollm2 --model 7b     # EAGLE per-round costs with a random head
     python scripts/bench.py --mt-bench --eagle heads/SmolLM2-135M-Instruct   # tau and tok/s, plain vs EAGLE
 
-Models: `smollm2` = the real checkpoint (checkpoints/SmolLM2-135M-Instruct), `7b` = Llama-2-7B shape, random weights.
+Models: `smollm2` = the real checkpoint (checkpoints/SmolLM2-135M-Instruct), `smollm2-shape` = its shape with random
+weights (no checkpoint needed: same speed, for quick A/B runs), `7b` = Llama-2-7B shape, random weights.
 Results go to --out (JSON); BENCHMARKS.md quotes them.
 """
 
@@ -97,8 +98,8 @@ def random_model(name: str, dtype=torch.bfloat16) -> M.Transformer:
 
 
 def load(name: str) -> tuple[M.Transformer, object]:
-    if name == "7b":
-        return random_model("llama-2-7b"), None
+    if name in ("7b", "smollm2-shape"):
+        return random_model("llama-2-7b" if name == "7b" else "smollm2-135m"), None
     return apply_kernel_choice(M.load_model(SMOLLM2, device="cuda", dtype=torch.bfloat16)), load_tokenizer(SMOLLM2)
 
 
@@ -205,6 +206,7 @@ LINEAR_SHAPES = {  # (out N, in K) of wqkv, wo, w13, w2, LM head
     "7b": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)],
     "smollm2": [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)],
 }
+LINEAR_SHAPES["smollm2-shape"] = LINEAR_SHAPES["smollm2"]
 
 
 def linear_variants(n: int, k: int) -> dict:
@@ -389,7 +391,8 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", action="append", choices=["smollm2", "7b"], help="repeatable (default: both)")
+    p.add_argument("--model", action="append", choices=["smollm2", "smollm2-shape", "7b"],
+                   help="repeatable (default: smollm2 and 7b)")  # fmt: skip
     p.add_argument("--plain", action="store_true", help="plain compiled decoding")
     p.add_argument("--rounds", action="store_true", help="EAGLE per-round costs with a random head")
     p.add_argument("--mt-bench", action="store_true", help="tau and tok/s on MT-bench with --eagle HEAD")
@@ -497,9 +500,9 @@ def main() -> None:
     if a.linears:
         res["linears"] = bench_linears(models)
     for name in models:
-        max_new = a.max_new_tokens or (256 if name == "smollm2" else 200)
+        max_new = a.max_new_tokens or (256 if name.startswith("smollm2") else 200)
         if a.plain:
-            r = bench_plain(name, a.prompts if name == "smollm2" else 5, max_new)
+            r = bench_plain(name, a.prompts if name.startswith("smollm2") else 5, max_new)
             r["fraction_of_copy_bw"] = r["weight_gb_per_s"] / res["copy_gb_per_s"]
             pre = ("_compiledprefill" if a.compile_prefill else "") + ("" if a.fused else "_unfused")
             res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}_{a.kernel}{pre}"] = r
