@@ -145,13 +145,30 @@ if triton is not None:
                 x = x * tl.sigmoid(x) * tl.load(x_ptr + K + off, mask=off < K, other=0.0).to(tl.float32)
         return x
 
-    @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED"], **_TUNE)
+    @triton.jit
+    def _w_tile(w_ptr, rows, row_ok, kk, K, QUANT: tl.constexpr, EVEN_K: tl.constexpr):
+        """Rows `rows`, columns kk of a bf16/fp16 (quant 0) or int8 (quant 1, unscaled) weight [N, K] as float32;
+        0 past K unless EVEN_K."""
+        wp = w_ptr + rows[:, None] * K + kk[None, :]
+        if EVEN_K:
+            w = tl.load(wp, mask=row_ok[:, None], other=0)
+        else:
+            w = tl.load(wp, mask=row_ok[:, None] & (kk < K)[None, :], other=0)
+        if QUANT == 1:
+            w = _as_float(w.to(tl.int32), 128, 0)  # (masked entries: 0 -> 0 here)
+        else:
+            w = w.to(tl.float32)
+        return w
+
+    @triton.autotune(
+        configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED", "SWIGLU"], **_TUNE
+    )
     @triton.heuristics(_EVEN_K)
     @triton.jit
     def _gemv_kernel(
         x_ptr,  # [K], or [2K] (GATED)
-        w_ptr,  # [N, K] (quant 0, 1) or [N, K/2] uint8 (quant 2)
-        s_ptr,  # [N] int8 scales, or [N, K/G, 2] int4 (scale, zero); unused for quant 0
+        w_ptr,  # [N, K] (quant 0, 1) or [N, K/2] uint8 (quant 2); [2N, ...] with SWIGLU
+        s_ptr,  # [N] int8 scales, or [N, K/G, 2] int4 (scale, zero); unused for quant 0; [2N, ...] with SWIGLU
         y_ptr,  # [N]
         g_ptr,  # [K] RMSNorm weight (NORM)
         r_ptr,  # [N] residual (RESIDUAL)
@@ -165,13 +182,15 @@ if triton is not None:
         RESIDUAL: tl.constexpr,  # y += r: the residual add after it
         GATED: tl.constexpr,  # x = [gate | up], the input is silu(gate) * up: the SwiGLU before the down projection
         BIAS: tl.constexpr,  # y += b
+        SWIGLU: tl.constexpr,  # W = [gate; up] (2N rows), y = silu(gate x) * (up x): the SwiGLU after the up projection
         PDL: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
         """Every program reads all of x anyway, so the norm costs it a sum of squares and a multiply by g per
-        chunk, and one scale at the end (the rsqrt is the same for every output row)."""
+        chunk, and one scale at the end (the rsqrt is the same for every output row). With SWIGLU a program walks
+        its gate rows and the matching up rows together (two accumulators) and gates them at the end."""
         _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -180,9 +199,9 @@ if triton is not None:
             HG: tl.constexpr = GROUP // 2
             rg, rj = tl.arange(0, NG), tl.arange(0, HG)
             acc = tl.zeros((BLOCK_N, NG, HG), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, NG, HG), dtype=tl.float32)
             ss = tl.zeros((NG, HG), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
                 off = k0 + 2 * (rg[:, None] * HG + rj[None, :])
                 xe = _load_x(x_ptr, off, K, GATED, True)
                 xo = _load_x(x_ptr, off + 1, K, GATED, True)
@@ -190,35 +209,40 @@ if triton is not None:
                     ss += xe * xe + xo * xo
                     xe = xe * tl.load(g_ptr + off).to(tl.float32)
                     xo = xo * tl.load(g_ptr + off + 1).to(tl.float32)
+                we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
                 acc += we * xe[None, :, :] + wo * xo[None, :, :]
-            acc = tl.sum(acc, axis=2)
+                if SWIGLU:
+                    ue, uo = _int4_chunk(w_ptr, s_ptr, rn + N, n_ok, k0, K, GROUP, BLOCK_K)
+                    acc_up += ue * xe[None, :, :] + uo * xo[None, :, :]
+            acc, acc_up = tl.sum(acc, axis=2), tl.sum(acc_up, axis=2)
             sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
         else:
             rk = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
-                wp = w_ptr + rn[:, None] * K + kk[None, :]
-                if EVEN_K:
-                    w = tl.load(wp, mask=n_ok[:, None], other=0)
-                else:
-                    w = tl.load(wp, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
-                if QUANT == 1:
-                    w = _as_float(w.to(tl.int32), 128, 0)  # (masked entries: 0 -> 0 here, times x = 0 there)
-                else:
-                    w = w.to(tl.float32)
                 xk = _load_x(x_ptr, kk, K, GATED, EVEN_K)
                 if NORM:
                     ss += xk * xk
                     xk = xk * _load_x(g_ptr, kk, K, False, EVEN_K)
-                acc += w * xk[None, :]
+                acc += _w_tile(w_ptr, rn, n_ok, kk, K, QUANT, EVEN_K) * xk[None, :]
+                if SWIGLU:
+                    acc_up += _w_tile(w_ptr, rn + N, n_ok, kk, K, QUANT, EVEN_K) * xk[None, :]
             sum_sq = tl.sum(ss, axis=0)
         y = tl.sum(acc, axis=1)
         if QUANT == 1:
             y = y * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if NORM:
             y = y * tl.rsqrt(sum_sq / K + eps)
+        if SWIGLU:
+            up = tl.sum(acc_up, axis=1)
+            if QUANT == 1:
+                up = up * tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)
+            if NORM:
+                up = up * tl.rsqrt(sum_sq / K + eps)
+            y = y * tl.sigmoid(y) * up
         if BIAS:
             y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if RESIDUAL:
@@ -226,7 +250,9 @@ if triton is not None:
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.autotune(
-        configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M", "NORM", "RESIDUAL", "GATED"], **_TUNE
+        configs=_GEMM_CONFIGS,
+        key=["N", "K", "QUANT", "GROUP", "BLOCK_M", "NORM", "RESIDUAL", "GATED", "SWIGLU"],
+        **_TUNE,
     )
     @triton.heuristics(_EVEN_K)
     @triton.jit
@@ -248,6 +274,7 @@ if triton is not None:
         RESIDUAL: tl.constexpr,
         GATED: tl.constexpr,  # (quant 0 and 1)
         BIAS: tl.constexpr,
+        SWIGLU: tl.constexpr,  # as in _gemv_kernel
         PDL: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -256,24 +283,27 @@ if triton is not None:
     ):
         """The fusions of _gemv_kernel for a few tokens: a tile of x is gated (silu(gate) * up) or multiplied by
         the norm weight g in float32 before it goes to tl.dot, and each row's sum of squares is kept for one scale
-        of that row at the end."""
+        of that row at the end; SWIGLU runs a second tl.dot against the up rows and gates at the end."""
         _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         dt = x_ptr.dtype.element_ty
         if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); BLOCK_K divides K
             rb = tl.arange(0, BLOCK_K // 2)
             for k0 in range(0, K, BLOCK_K):
-                we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
-                we = tl.reshape(we.to(dt), (BLOCK_N, BLOCK_K // 2))
-                wo = tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2))
                 xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]
                 xe = tl.load(xp, mask=m_ok[:, None], other=0.0)
                 xo = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
-                acc += tl.dot(xe, tl.trans(we))
-                acc += tl.dot(xo, tl.trans(wo))
+                we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
+                acc += tl.dot(xe, tl.trans(tl.reshape(we.to(dt), (BLOCK_N, BLOCK_K // 2))))
+                acc += tl.dot(xo, tl.trans(tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2))))
+                if SWIGLU:
+                    ue, uo = _int4_chunk(w_ptr, s_ptr, rn + N, n_ok, k0, K, GROUP, BLOCK_K)
+                    acc_up += tl.dot(xe, tl.trans(tl.reshape(ue.to(dt), (BLOCK_N, BLOCK_K // 2))))
+                    acc_up += tl.dot(xo, tl.trans(tl.reshape(uo.to(dt), (BLOCK_N, BLOCK_K // 2))))
         else:
             rk = tl.arange(0, BLOCK_K)
             ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -302,10 +332,17 @@ if triton is not None:
                     ss += tl.sum(xf * xf, axis=1)
                     x = (xf * _load_x(g_ptr, kk, K, False, EVEN_K)[None, :]).to(dt)
                 acc += tl.dot(x, tl.trans(w.to(dt)))
+                if SWIGLU:
+                    acc_up += tl.dot(x, tl.trans(_w_tile(w_ptr, rn + N, n_ok, kk, K, QUANT, EVEN_K).to(dt)))
             if NORM:
                 acc = acc * tl.rsqrt(ss / K + eps)[:, None]
+                acc_up = acc_up * tl.rsqrt(ss / K + eps)[:, None]
         if QUANT == 1:
             acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc_up = acc_up * tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc = acc * tl.sigmoid(acc) * acc_up
         y_mask = m_ok[:, None] & n_ok[None, :]
         if BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -338,13 +375,19 @@ def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, gated
 
 @torch.library.custom_op("llmgen::wmm", mutates_args=())
 def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tensor | None = None, eps: float = 0.0,
-        residual: Tensor | None = None, gated: bool = False, bias: Tensor | None = None) -> Tensor:  # fmt: skip
+        residual: Tensor | None = None, gated: bool = False, bias: Tensor | None = None,
+        swiglu: bool = False) -> Tensor:  # fmt: skip
     """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring.
 
     Fusions, all inside the one kernel (residual + W @ rmsnorm(x) + bias): g [K] applies RMSNorm (weight g, epsilon
     eps) to every row of x first; gated: x is [M, 2K] = [gate | up] and the input is silu(gate) * up; residual [M, N]
-    and bias [N] are added to the result. int4 takes the norm and the gating for one token only."""
+    and bias [N] are added to the result. int4 takes the norm and the gating for one token only. swiglu: W holds
+    [gate; up] (2N rows) and the result is silu(x @ gate.T) * (x @ up.T) [M, N] (no residual, bias or gating then)."""
     m, n, k = _check(x, w, s, quant, group, gated)
+    if swiglu:
+        if n % 2 or residual is not None or bias is not None or gated:
+            raise ValueError(f"swiglu: W must have an even number of rows ({n}), and no residual, bias or gating")
+        n //= 2
     if (g is not None or gated) and m != 1 and quant == INT4:
         raise ValueError(f"int4: the fused norm / gating take one token, got {m}")
     if g is not None and g.shape != (k,) or residual is not None and residual.shape != (m, n):
@@ -357,7 +400,7 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     s = s if s is not None else w  # placeholder pointers the kernel never reads
     flags = dict(QUANT=quant, GROUP=group, NORM=g is not None, RESIDUAL=residual is not None, GATED=gated,
-                 BIAS=bias is not None, PDL=PDL)  # fmt: skip
+                 BIAS=bias is not None, SWIGLU=swiglu, PDL=PDL)  # fmt: skip
     g, r, b = (t if t is not None else x for t in (g, residual, bias))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:
@@ -369,8 +412,8 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
 
 
 @wmm.register_fake
-def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False, bias=None):
-    return x.new_empty(x.shape[0], w.shape[0])
+def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False, bias=None, swiglu=False):
+    return x.new_empty(x.shape[0], w.shape[0] // 2 if swiglu else w.shape[0])
 
 
 # Where the RMSNorm before a matmul, the residual add after it and the SwiGLU gating go into our matmul kernel
@@ -384,6 +427,12 @@ def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False, bias=N
 #   norm or gating between the tile's load and tl.dot costs more than the kernels it saves.
 FUSE_MIN_K = 2048
 FEW_FUSE = False
+# The SwiGLU gating silu(gate) * up in the epilogue of the gate/up matmul (swiglu_wmm, model.FeedForward) instead of a
+# kernel of its own (Inductor's, or in the down projection's loads under GATED): one launch fewer per layer for every
+# token count up to MAX_M, and no [.., 2I] intermediate. The matmul's loads and tl.dot are unchanged (FEW_FUSE's
+# slowdown came from work between them). Built in the sixth session after its GPU time ran out: off until measured
+# (bench.py --swiglu).
+SWIGLU = False
 
 
 def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None, n: int,
@@ -712,6 +761,26 @@ def int4_layout(scales_and_zeros: Tensor, dtype: torch.dtype = torch.bfloat16) -
     return scales_and_zeros.transpose(0, 1).to(dtype).contiguous()
 
 
+def swiglu_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm,
+               max_m: int = MAX_M) -> Tensor | None:  # fmt: skip
+    """silu(gate(norm(x))) * up(norm(x)) [..., I] for W = [gate; up] ([2I, K]) as one `wmm` whose epilogue does the
+    gating, or None where that does not apply (SWIGLU off, more than max_m tokens, CPU, dtypes that differ) and the
+    caller runs the steps apart. The norm (a model.RMSNorm or None) goes into the kernel by the rules above, else it
+    runs first."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k = x2.shape
+    if not SWIGLU or m > max_m or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
+        return None
+    inside = norm is not None and (m == 1 and k >= FUSE_MIN_K or m > 1 and FEW_FUSE and quant != INT4)
+    if inside and norm.weight.dtype != x2.dtype:
+        inside = False
+    if norm is not None and not inside:
+        x2 = norm(x2)
+    g, eps = (norm.weight, norm.eps) if inside else (None, 0.0)
+    y = wmm(x2.contiguous(), w, s, quant, group, g, eps, swiglu=True)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def few_token_linear(x: Tensor, w: Tensor, bias: Tensor | None = None, max_m: int = 1) -> Tensor:
     """F.linear(x, w, bias), through `wmm` where x has at most max_m rows of 16-bit floats on CUDA (w of x's dtype)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -739,6 +808,10 @@ class FewTokenLinear(torch.nn.Module):
         """residual + self(norm(x)) (or of silu(gate) * up) in one kernel on CUDA, else None (see model.linear)."""
         return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features, gated, self.bias,
                          self.max_m)  # fmt: skip
+
+    def swiglu(self, x: Tensor, norm) -> Tensor | None:
+        """silu(gate) * up of self(norm(x)) = [gate | up] in one kernel on CUDA, else None (see swiglu_wmm)."""
+        return None if self.bias is not None else swiglu_wmm(x, self.weight, None, NONE, 0, norm, self.max_m)
 
 
 def use_triton_linears(model: torch.nn.Module, max_m: int = 1) -> int:

@@ -247,6 +247,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
         """residual + feed_forward(norm(x)) (see `linear`)."""
+        swiglu = getattr(self.w13, "swiglu", None)  # kernels.SWIGLU: the gating in the w13 kernel's epilogue
+        h = swiglu(x, norm) if swiglu is not None and (norm is None or isinstance(norm, RMSNorm)) else None
+        if h is not None:  # [..., intermediate] = silu(gate) * up
+            return linear(self.w2, h, residual=residual)
         gate_up = linear(self.w13, x, norm)  # [..., 2 * intermediate]
         return linear(self.w2, gate_up, residual=residual, gated=True)  # residual + w2(silu(gate) * up)
 

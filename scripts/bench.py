@@ -432,6 +432,12 @@ def main() -> None:
         help="RMSNorm, residual add and SwiGLU gating inside the 2-64-token Triton matmuls (kernels.FEW_FUSE)",
     )
     p.add_argument(
+        "--swiglu",
+        action=argparse.BooleanOptionalAction,
+        default=kernels.SWIGLU,
+        help="SwiGLU gating in the epilogue of the gate/up matmul (kernels.SWIGLU; off by default until measured)",
+    )
+    p.add_argument(
         "--draft-vocab",
         type=int,
         default=None,
@@ -478,6 +484,7 @@ def main() -> None:
     kernels.TRITON_TOPK = a.triton_topk
     kernels.FEW_ATTENTION = a.triton_attention
     kernels.FEW_FUSE = a.few_fuse
+    kernels.SWIGLU = a.swiglu
     pinned = kernels.pin_configs(json.loads(Path(a.configs_in).read_text())["tuned_configs"]) if a.configs_in else 0
     pdl = kernels.set_pdl(a.pdl and a.kernel != "torch")
     if a.fuse_min_k is not None:
@@ -495,6 +502,7 @@ def main() -> None:
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
         "few_fuse": kernels.FEW_FUSE,
+        "swiglu": kernels.SWIGLU,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:

@@ -269,6 +269,80 @@ def check_fused():
     print("fused ok")
 
 
+def check_swiglu():
+    """The SwiGLU epilogue: wmm(swiglu=True) with W = [gate; up] gives silu(x @ gate.T) * (x @ up.T), every config as
+    pruned for the shape, every weight format, with and without the fused norm; the int8 module and FewTokenLinear
+    through it; and a whole tiny model's logits with kernels.SWIGLU on equal those with it off."""
+    torch.manual_seed(12)
+    for kern, ms in ((K._gemv_kernel, [1]), (K._gemm_kernel, [2, 26])):
+        configs = kern.configs
+        try:
+            for cfg in configs:
+                bk = cfg.kwargs["BLOCK_K"]
+                for quant, k in ((K.NONE, bk + 48), (K.INT8, 2 * bk), (K.INT4, 2 * bk)):
+                    n, gs = 40, 64 if bk >= 64 else 32  # 2n = 80 rows: gate rows 0..39, up rows 40..79
+                    pruned = K._prune([cfg], {"K": k, "N": n}, QUANT=quant, GROUP=gs if quant == K.INT4 else 0)
+                    kern.configs, kern.cache = pruned, {}
+                    w, s, ref_w = weights(quant, 2 * n, k, gs)
+                    for m in ms:
+                        x, g = torch.randn(m, k) * 3, torch.rand(k) + 0.5
+                        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+                        for xx, gg in ((x, None), (x, g)):
+                            if gg is not None and quant == K.INT4 and m > 1:
+                                continue  # int4: the norm for one token only
+                            h = (normed if gg is not None else x) @ ref_w.T
+                            ref = F.silu(h[:, :n]) * h[:, n:]
+                            y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, swiglu=True)
+                            assert y.shape == (m, n) and rel_err(y, ref) < 1e-5, (cfg, quant, k, m, gg is None)
+        finally:
+            kern.configs, kern.cache = configs, {}
+    for bad in (
+        lambda: K.wmm(torch.randn(1, 64), torch.randn(7, 64), None, K.NONE, 0, swiglu=True),  # odd rows
+        lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, bias=torch.ones(8), swiglu=True),
+    ):
+        try:
+            bad()
+        except ValueError:
+            continue
+        raise AssertionError("bad swiglu arguments accepted")
+
+    dim, inter = 64, 96
+    norm = M.RMSNorm(dim, 1e-5)
+    norm.weight.data = torch.rand(dim) + 0.5
+    i8 = Q.WeightOnlyInt8Linear(dim, 2 * inter)
+    i8.weight, i8.scales = Q.quantize_int8(torch.randn(2 * inter, dim) * 0.05)
+    i8.prepare(torch.float32, "triton")
+    few = K.FewTokenLinear(torch.nn.Linear(dim, 2 * inter, bias=False), max_m=K.MAX_M)
+    real, flag = K.available, K.SWIGLU
+    try:
+        K.available = lambda t: True
+        for mod in (i8, few):
+            x = torch.randn(1, 26, dim)
+            h = mod(norm(x))
+            ref = F.silu(h[..., :inter]) * h[..., inter:]
+            K.SWIGLU = False
+            assert mod.swiglu(x, norm) is None
+            K.SWIGLU = True
+            assert rel_err(mod.swiglu(x, norm), ref) < 1e-5 and mod.swiglu(torch.randn(1, 65, dim), norm) is None
+        torch.manual_seed(13)
+        args = M.ModelArgs.from_name("tiny")
+        model = M.Transformer(args).eval()
+        K.use_triton_linears(model, K.MAX_M)
+        tokens = torch.randint(0, args.vocab_size, (1, 40))
+        calls = [(tokens[:, :9], torch.arange(9)), (tokens[:, 9:10], torch.tensor([9])), (tokens[:, 10:36], None)]
+        outs = []
+        for on in (False, True):
+            K.SWIGLU = on
+            model.setup_caches(1, 64, torch.float32)
+            with torch.no_grad():
+                outs.append([model(t, torch.arange(10, 36) if p is None else p) for t, p in calls])
+        for a, b in zip(outs[0], outs[1], strict=True):
+            assert rel_err(b, a) < 1e-5, rel_err(b, a)
+    finally:
+        K.available, K.SWIGLU = real, flag
+    print("swiglu ok")
+
+
 def check_copy_rows():
     """One launch moves rows src -> dst in every cache, reading all of them first (the ranges overlap)."""
     torch.manual_seed(4)
@@ -406,6 +480,7 @@ if __name__ == "__main__":
     check_modules()
     check_compile()
     check_fused()
+    check_swiglu()
     check_copy_rows()
     check_rope_cache()
     check_chunk_topk()

@@ -15,6 +15,17 @@ def test_kernels_in_the_triton_interpreter():
     script = Path(__file__).parent / "kernel_check.py"
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    parts = ("configs", "fp16", "errors", "modules", "compile", "fused", "copy_rows", "rope_cache", "chunk_topk")
+    parts = (
+        "configs",
+        "fp16",
+        "errors",
+        "modules",
+        "compile",
+        "fused",
+        "swiglu",
+        "copy_rows",
+        "rope_cache",
+        "chunk_topk",
+    )
     for part in (*parts, "few_attention", "pin"):
         assert f"{part} ok" in r.stdout
