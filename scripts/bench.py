@@ -389,6 +389,11 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
 
 
 @torch.inference_mode()
+def switch(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    """An on/off option: --name / --no-name."""
+    p.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", choices=["smollm2", "smollm2-shape", "7b"],
@@ -412,11 +417,11 @@ def main() -> None:
         "triton = kernels.py for every linear of 1-64 tokens; torch = cuBLAS, Inductor (int8) and tinygemm (int4)",
     )
     p.add_argument("--linears", action="store_true", help="micro-benchmark every linear shape per kernel")
-    p.add_argument(
+    switch(
+        p,
         "--fused",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="RMSNorm and residual add inside the one-token Triton matmuls (model.linear); --no-fused for A/B runs",
+        True,
+        "RMSNorm and residual add inside the one-token Triton matmuls (model.linear); --no-fused for A/B runs",
     )
     p.add_argument(
         "--fuse-min-k",
@@ -425,17 +430,17 @@ def main() -> None:
         help=f"one-token steps fuse norm / residual / gating into the matmul for inputs of >= this many features "
         f"(default kernels.FUSE_MIN_K = {kernels.FUSE_MIN_K}; 0 = always)",
     )
-    p.add_argument(
+    switch(
+        p,
         "--few-fuse",
-        action=argparse.BooleanOptionalAction,
-        default=kernels.FEW_FUSE,
-        help="RMSNorm, residual add and SwiGLU gating inside the 2-64-token Triton matmuls (kernels.FEW_FUSE)",
+        kernels.FEW_FUSE,
+        "RMSNorm, residual add and SwiGLU gating inside the 2-64-token Triton matmuls (kernels.FEW_FUSE)",
     )
-    p.add_argument(
+    switch(
+        p,
         "--swiglu",
-        action=argparse.BooleanOptionalAction,
-        default=kernels.SWIGLU,
-        help="SwiGLU gating in the epilogue of the gate/up matmul (kernels.SWIGLU; off by default until measured)",
+        kernels.SWIGLU,
+        "SwiGLU gating in the epilogue of the gate/up matmul (kernels.SWIGLU; off by default until measured)",
     )
     p.add_argument(
         "--draft-vocab",
@@ -445,23 +450,23 @@ def main() -> None:
         help="--mt-bench: draft among the head's N most frequent tokens (as generate.py --draft-vocab: default 16384 "
         "where the head has a vocabulary file, 0 = all)",
     )
-    p.add_argument(
+    switch(
+        p,
         "--triton-topk",
-        action=argparse.BooleanOptionalAction,
-        default=kernels.TRITON_TOPK,
-        help="the draft's top-k first pass as one Triton kernel (kernels.chunk_topk; on by default as in generate.py)",
+        kernels.TRITON_TOPK,
+        "the draft's top-k first pass as one Triton kernel (kernels.chunk_topk; on by default as in generate.py)",
     )
-    p.add_argument(
+    switch(
+        p,
         "--triton-attention",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="few-token attention as two Triton kernels (kernels.few_token_attention; on by default as in generate.py)",
+        True,
+        "few-token attention as two Triton kernels (kernels.few_token_attention; on by default as in generate.py)",
     )
-    p.add_argument(
+    switch(
+        p,
         "--pdl",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="programmatic dependent launch for kernels.py's and Inductor's Triton kernels (kernels.set_pdl; on by "
+        True,
+        "programmatic dependent launch for kernels.py's and Inductor's Triton kernels (kernels.set_pdl; on by "
         "default, as in generate.py, where the GPU has it; with it, --kernel auto takes kernels.py for 2-64 tokens)",
     )
     p.add_argument(

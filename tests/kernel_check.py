@@ -32,6 +32,16 @@ def weights(quant, n, k, g):
     return packed, K.int4_layout(sz, torch.float32), Q.dequantize_int4(packed, sz, g)
 
 
+def assert_rejected(calls, what: str) -> None:
+    """Every call raises ValueError."""
+    for bad in calls:
+        try:
+            bad()
+        except ValueError:
+            continue
+        raise AssertionError(f"bad {what} accepted")
+
+
 def check_all_configs():
     """Every block-shape config, as the autotuner would run it for the shape: pruned first (`_prune`; triton's
     autotuner skips pruning where it holds a single config, so the test prunes itself)."""
@@ -98,17 +108,15 @@ def check_fp16():
 
 def check_errors():
     x = torch.randn(65, 64)
-    for bad in (
-        lambda: K.wmm(x, torch.randn(8, 64), None, K.NONE, 0),  # too many tokens
-        lambda: K.wmm(x[:2], torch.randn(8, 32), None, K.NONE, 0),  # K mismatch
-        lambda: K.wmm(x[:2], torch.zeros(8, 64, dtype=torch.int8), torch.ones(7), K.INT8, 0),
-        lambda: K.wmm(x[:2], torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2, 2), K.INT4, 64),
-    ):
-        try:
-            bad()
-        except ValueError:
-            continue
-        raise AssertionError("bad shapes accepted")
+    assert_rejected(
+        [
+            lambda: K.wmm(x, torch.randn(8, 64), None, K.NONE, 0),  # too many tokens
+            lambda: K.wmm(x[:2], torch.randn(8, 32), None, K.NONE, 0),  # K mismatch
+            lambda: K.wmm(x[:2], torch.zeros(8, 64, dtype=torch.int8), torch.ones(7), K.INT8, 0),
+            lambda: K.wmm(x[:2], torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2, 2), K.INT4, 64),
+        ],
+        "shapes",
+    )
     print("errors ok")
 
 
@@ -197,19 +205,17 @@ def check_fused():
         finally:
             kern.configs, kern.cache = configs, {}
     w4, s4, _ = weights(K.INT4, 8, 64, 32)
-    for bad in (
-        lambda: K.wmm(torch.randn(2, 64), w4, s4, K.INT4, 32, torch.ones(64), 1e-5, None),  # int4: one token only
-        lambda: K.wmm(torch.randn(2, 64), torch.randn(8, 64), None, K.NONE, 0, bias=torch.ones(7)),
-        lambda: K.wmm(torch.randn(1, 128), torch.randn(8, 64), None, K.NONE, 0, torch.ones(64), 1e-5, None, True),
-        lambda: K.wmm(torch.randn(1, 63), torch.randn(8, 32), None, K.NONE, 0, None, 0.0, None, True),
-        lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, torch.ones(32), 1e-5, None),
-        lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, None, 0.0, torch.ones(1, 7)),
-    ):
-        try:
-            bad()
-        except ValueError:
-            continue
-        raise AssertionError("bad fused arguments accepted")
+    assert_rejected(
+        [
+            lambda: K.wmm(torch.randn(2, 64), w4, s4, K.INT4, 32, torch.ones(64), 1e-5, None),  # int4: one token only
+            lambda: K.wmm(torch.randn(2, 64), torch.randn(8, 64), None, K.NONE, 0, bias=torch.ones(7)),
+            lambda: K.wmm(torch.randn(1, 128), torch.randn(8, 64), None, K.NONE, 0, torch.ones(64), 1e-5, None, True),
+            lambda: K.wmm(torch.randn(1, 63), torch.randn(8, 32), None, K.NONE, 0, None, 0.0, None, True),
+            lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, torch.ones(32), 1e-5, None),
+            lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, None, 0.0, torch.ones(1, 7)),
+        ],
+        "fused arguments",
+    )
 
     dim, n = 128, 96
     norm = M.RMSNorm(dim, 1e-5)
@@ -296,15 +302,13 @@ def check_swiglu():
                             assert y.shape == (m, n) and rel_err(y, ref) < 1e-5, (cfg, quant, k, m, gg is None)
         finally:
             kern.configs, kern.cache = configs, {}
-    for bad in (
-        lambda: K.wmm(torch.randn(1, 64), torch.randn(7, 64), None, K.NONE, 0, swiglu=True),  # odd rows
-        lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, bias=torch.ones(8), swiglu=True),
-    ):
-        try:
-            bad()
-        except ValueError:
-            continue
-        raise AssertionError("bad swiglu arguments accepted")
+    assert_rejected(
+        [
+            lambda: K.wmm(torch.randn(1, 64), torch.randn(7, 64), None, K.NONE, 0, swiglu=True),  # odd rows
+            lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, bias=torch.ones(8), swiglu=True),
+        ],
+        "swiglu arguments",
+    )
 
     dim, inter = 64, 96
     norm = M.RMSNorm(dim, 1e-5)
