@@ -178,7 +178,8 @@ if triton is not None:
         eps,
         QUANT: tl.constexpr,
         GROUP: tl.constexpr,
-        NORM: tl.constexpr,  # y = W (g * x * rsqrt(mean(x^2) + eps)): the RMSNorm before the matmul, fused
+        NORM: tl.constexpr,  # 1: y = W (g * x * rsqrt(mean(x^2) + eps)), the RMSNorm before the matmul, fused;
+        # 2: the same with g already folded into W (fold_norm_weights): only the row's scale, x goes in as it is
         RESIDUAL: tl.constexpr,  # y += r: the residual add after it
         GATED: tl.constexpr,  # x = [gate | up], the input is silu(gate) * up: the SwiGLU before the down projection
         BIAS: tl.constexpr,  # y += b
@@ -207,6 +208,7 @@ if triton is not None:
                 xo = _load_x(x_ptr, off + 1, K, GATED, True)
                 if NORM:
                     ss += xe * xe + xo * xo
+                if NORM == 1:
                     xe = xe * tl.load(g_ptr + off).to(tl.float32)
                     xo = xo * tl.load(g_ptr + off + 1).to(tl.float32)
                 we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
@@ -226,6 +228,7 @@ if triton is not None:
                 xk = _load_x(x_ptr, kk, K, GATED, EVEN_K)
                 if NORM:
                     ss += xk * xk
+                if NORM == 1:
                     xk = xk * _load_x(g_ptr, kk, K, False, EVEN_K)
                 acc += _w_tile(w_ptr, rn, n_ok, kk, K, QUANT, EVEN_K) * xk[None, :]
                 if SWIGLU:
@@ -327,10 +330,13 @@ if triton is not None:
                     else:
                         up = tl.load(xp + K, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
                     x = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(dt)
-                if NORM:
+                if NORM == 1:
                     xf = x.to(tl.float32)
                     ss += tl.sum(xf * xf, axis=1)
                     x = (xf * _load_x(g_ptr, kk, K, False, EVEN_K)[None, :]).to(dt)
+                if NORM == 2:  # x goes to tl.dot as loaded: only its sum of squares on the side
+                    xf = x.to(tl.float32)
+                    ss += tl.sum(xf * xf, axis=1)
                 acc += tl.dot(x, tl.trans(w.to(dt)))
                 if SWIGLU:
                     acc_up += tl.dot(x, tl.trans(_w_tile(w_ptr, rn + N, n_ok, kk, K, QUANT, EVEN_K).to(dt)))
@@ -375,32 +381,37 @@ def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, gated
 
 @torch.library.custom_op("llmgen::wmm", mutates_args=())
 def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tensor | None = None, eps: float = 0.0,
-        residual: Tensor | None = None, gated: bool = False, bias: Tensor | None = None,
-        swiglu: bool = False) -> Tensor:  # fmt: skip
+        residual: Tensor | None = None, gated: bool = False, bias: Tensor | None = None, swiglu: bool = False,
+        unit_norm: bool = False) -> Tensor:  # fmt: skip
     """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring.
 
     Fusions, all inside the one kernel (residual + W @ rmsnorm(x) + bias): g [K] applies RMSNorm (weight g, epsilon
     eps) to every row of x first; gated: x is [M, 2K] = [gate | up] and the input is silu(gate) * up; residual [M, N]
     and bias [N] are added to the result. int4 takes the norm and the gating for one token only. swiglu: W holds
-    [gate; up] (2N rows) and the result is silu(x @ gate.T) * (x @ up.T) [M, N] (no residual, bias or gating then)."""
+    [gate; up] (2N rows) and the result is silu(x @ gate.T) * (x @ up.T) [M, N] (no residual, bias or gating then).
+    unit_norm: an RMSNorm (epsilon eps) whose weight is already folded into W (model.fold_norm_weights; g is None):
+    only each row's 1 / rms scales the result, and x reaches tl.dot untouched."""
     m, n, k = _check(x, w, s, quant, group, gated)
     if swiglu:
         if n % 2 or residual is not None or bias is not None or gated:
             raise ValueError(f"swiglu: W must have an even number of rows ({n}), and no residual, bias or gating")
         n //= 2
-    if (g is not None or gated) and m != 1 and quant == INT4:
+    if unit_norm and g is not None:
+        raise ValueError("unit_norm: the norm weight is folded into W, pass no g")
+    if (g is not None or gated or unit_norm) and m != 1 and quant == INT4:
         raise ValueError(f"int4: the fused norm / gating take one token, got {m}")
     if g is not None and g.shape != (k,) or residual is not None and residual.shape != (m, n):
         shapes = [None if t is None else tuple(t.shape) for t in (g, residual)]
         raise ValueError(f"norm weight / residual of shapes {shapes} for M={m}, N={n}, K={k}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias of shape {tuple(bias.shape)} for N={n}")
-    if g is not None and gated:
+    if (g is not None or unit_norm) and gated:
         raise ValueError("a norm and gating together are not supported")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     s = s if s is not None else w  # placeholder pointers the kernel never reads
-    flags = dict(QUANT=quant, GROUP=group, NORM=g is not None, RESIDUAL=residual is not None, GATED=gated,
-                 BIAS=bias is not None, SWIGLU=swiglu, PDL=PDL)  # fmt: skip
+    norm = 2 if unit_norm else 1 if g is not None else 0
+    flags = dict(QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=residual is not None, GATED=gated, BIAS=bias is not None,
+                 SWIGLU=swiglu, PDL=PDL)  # fmt: skip
     g, r, b = (t if t is not None else x for t in (g, residual, bias))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:
@@ -412,7 +423,7 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
 
 
 @wmm.register_fake
-def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False, bias=None, swiglu=False):
+def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False, bias=None, swiglu=False, unit_norm=False):
     return x.new_empty(x.shape[0], w.shape[0] // 2 if swiglu else w.shape[0])
 
 
@@ -433,6 +444,25 @@ FEW_FUSE = False
 # slowdown came from work between them). Built in the sixth session after its GPU time ran out: off until measured
 # (bench.py --swiglu).
 SWIGLU = False
+# An RMSNorm whose weight model.fold_norm_weights has folded into the next matmul's weight goes into that matmul for
+# 2-64 tokens as one scale per row at the end (NORM 2: x reaches tl.dot as loaded, its sum of squares is taken on the
+# side), and the residual adds go into the epilogues of the matmuls before (else they would be kernels of their own).
+# With SWIGLU a layer is then 7 launches for 1-64 tokens instead of 10. Built in the sixth session after its GPU time
+# ran out: off until measured (bench.py --fold-norms folds the weights and turns it on).
+FOLD_NORMS = False
+
+
+def norm_mode(norm, m: int, k: int, quant: int, dtype: torch.dtype) -> int:
+    """Where the RMSNorm `norm` (a model.RMSNorm or None) in front of a matmul of m tokens and K = k inputs runs:
+    0 apart (or there is none), 1 inside the kernel (its weight multiplies x), 2 inside as a row scale (its weight is
+    folded into W)."""
+    if norm is None:
+        return 0
+    folded = getattr(norm, "folded", False)
+    inside = k >= FUSE_MIN_K if m == 1 else quant != INT4 and (FEW_FUSE or FOLD_NORMS and folded)
+    if not inside or not folded and norm.weight.dtype != dtype:
+        return 0
+    return 2 if folded else 1
 
 
 def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None, n: int,
@@ -446,13 +476,17 @@ def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, no
         return None
     if not available(x2) or (w.dtype != x2.dtype and quant == NONE):
         return None
-    if m == 1 and k < FUSE_MIN_K or m > 1 and (not FEW_FUSE or quant == INT4):
+    mode = norm_mode(norm, m, k, quant, x2.dtype)
+    one = m == 1 and k >= FUSE_MIN_K
+    if norm is not None and mode == 0 or gated and not (one or m > 1 and FEW_FUSE and quant != INT4):
         return None
-    g = None if norm is None else norm.weight
-    if any(t is not None and t.dtype != x2.dtype for t in (g, residual, bias)):
+    if residual is not None and not (one or m > 1 and (FEW_FUSE or FOLD_NORMS)):
+        return None
+    if any(t is not None and t.dtype != x2.dtype for t in (residual, bias)):
         return None
     r = None if residual is None else residual.reshape(m, n).contiguous()
-    y = wmm(x2.contiguous(), w, s, quant, group, g, norm.eps if norm is not None else 0.0, r, gated, bias)
+    g, eps = (norm.weight if mode == 1 else None), (norm.eps if norm is not None else 0.0)
+    y = wmm(x2.contiguous(), w, s, quant, group, g, eps, r, gated, bias, unit_norm=mode == 2)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -771,13 +805,11 @@ def swiglu_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, n
     m, k = x2.shape
     if not SWIGLU or m > max_m or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
         return None
-    inside = norm is not None and (m == 1 and k >= FUSE_MIN_K or m > 1 and FEW_FUSE and quant != INT4)
-    if inside and norm.weight.dtype != x2.dtype:
-        inside = False
-    if norm is not None and not inside:
+    mode = norm_mode(norm, m, k, quant, x2.dtype)
+    if norm is not None and mode == 0:
         x2 = norm(x2)
-    g, eps = (norm.weight, norm.eps) if inside else (None, 0.0)
-    y = wmm(x2.contiguous(), w, s, quant, group, g, eps, swiglu=True)
+    g, eps = (norm.weight if mode == 1 else None), (norm.eps if mode else 0.0)
+    y = wmm(x2.contiguous(), w, s, quant, group, g, eps, swiglu=True, unit_norm=mode == 2)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -268,6 +268,27 @@ class Block(nn.Module):
         return self.feed_forward(h, norm=self.ffn_norm, residual=h)  # h + ffn(norm(h))
 
 
+def fold_norm_weights(model: nn.Module) -> int:
+    """Fold the weight g of every RMSNorm that feeds one dense linear (a Block's attention_norm -> wqkv and
+    ffn_norm -> w13) into that linear's columns, W <- W * g (rounded once, from float32), and set g to ones, marking
+    the norm `folded`: norm(x) @ W.T is unchanged up to that rounding, and a matmul kernel can then apply the norm as
+    one scale per row at the end (kernels.FOLD_NORMS). Quantized linears are left as they are. Returns how many."""
+    folded = 0
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        for norm, lin in ((block.attention_norm, block.attention.wqkv), (block.ffn_norm, block.feed_forward.w13)):
+            w = getattr(lin, "weight", None)
+            if not isinstance(norm, RMSNorm) or getattr(norm, "folded", False) or w is None:
+                continue
+            if not w.is_floating_point():
+                continue
+            with torch.no_grad():
+                w.copy_((w.float() * norm.weight.float()[None, :]).to(w.dtype))
+                norm.weight.fill_(1.0)
+            norm.folded = True
+            folded += 1
+    return folded
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()

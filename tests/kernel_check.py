@@ -189,19 +189,21 @@ def check_fused():
                         gate_up = torch.randn(m, 2 * k)
                         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
                         gated = F.silu(gate_up[:, :k]) * gate_up[:, k:]
-                        for xx, gg, rr, gt, bb, ref in (
-                            (x, g, None, False, None, normed @ ref_w.T),
-                            (x, None, r, False, None, x @ ref_w.T + r),
-                            (x, g, r, False, b, normed @ ref_w.T + r + b),
-                            (gate_up, None, None, True, None, gated @ ref_w.T),
-                            (gate_up, None, r, True, None, gated @ ref_w.T + r),
-                            (x, None, None, False, b, x @ ref_w.T + b),
+                        unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)  # g folded into W elsewhere
+                        for xx, gg, rr, gt, bb, un, ref in (
+                            (x, g, None, False, None, False, normed @ ref_w.T),
+                            (x, None, r, False, None, False, x @ ref_w.T + r),
+                            (x, g, r, False, b, False, normed @ ref_w.T + r + b),
+                            (gate_up, None, None, True, None, False, gated @ ref_w.T),
+                            (gate_up, None, r, True, None, False, gated @ ref_w.T + r),
+                            (x, None, None, False, b, False, x @ ref_w.T + b),
+                            (x, None, r, False, None, True, unit @ ref_w.T + r),
                         ):
-                            if quant == K.INT4 and m > 1 and (gg is not None or gt):
+                            if quant == K.INT4 and m > 1 and (gg is not None or gt or un):
                                 continue  # int4: norm and gating for one token only
-                            y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, rr, gt, bb)
+                            y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, rr, gt, bb, unit_norm=un)
                             err = rel_err(y, ref)
-                            assert err < 1e-5, (cfg, quant, k, m, gg is None, rr is None, gt, bb is None, err)
+                            assert err < 1e-5, (cfg, quant, k, m, gg is None, rr is None, gt, bb is None, un, err)
         finally:
             kern.configs, kern.cache = configs, {}
     w4, s4, _ = weights(K.INT4, 8, 64, 32)
@@ -347,6 +349,49 @@ def check_swiglu():
     print("swiglu ok")
 
 
+def check_fold_norms():
+    """model.fold_norm_weights leaves a model's logits as they were (CPU path), and with kernels.FOLD_NORMS and
+    SWIGLU (norms as row scales, residual adds and gating in epilogues: 7 launches a layer) they stay so for a
+    prefill, one token and 26 tokens; the norm modes the rules give."""
+    torch.manual_seed(14)
+    args = M.ModelArgs.from_name("tiny")
+    model = M.Transformer(args).eval()
+    for mod in model.modules():
+        if isinstance(mod, M.RMSNorm):
+            mod.weight.data = torch.rand_like(mod.weight) + 0.5
+    tokens = torch.randint(0, args.vocab_size, (1, 40))
+    calls = [(tokens[:, :9], torch.arange(9)), (tokens[:, 9:10], torch.tensor([9])), (tokens[:, 10:36], None)]
+
+    def run():
+        model.setup_caches(1, 64, torch.float32)
+        with torch.no_grad():
+            return [model(t, torch.arange(10, 36) if p is None else p) for t, p in calls]
+
+    ref = run()
+    assert M.fold_norm_weights(model) == 2 * args.n_layers and M.fold_norm_weights(model) == 0
+    assert model.layers[0].ffn_norm.folded and torch.equal(model.layers[0].ffn_norm.weight, torch.ones(args.dim))
+    for a, b in zip(ref, run(), strict=True):
+        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+    K.use_triton_linears(model, K.MAX_M)
+    real, flags = K.available, (K.SWIGLU, K.FOLD_NORMS)
+    try:
+        K.available, K.SWIGLU, K.FOLD_NORMS = (lambda t: True), True, True
+        norm = model.layers[0].ffn_norm
+        assert (
+            K.norm_mode(norm, 26, 64, K.NONE, torch.float32) == 2
+            and K.norm_mode(norm, 1, 64, K.NONE, torch.float32) == 0
+        )
+        assert (
+            K.norm_mode(norm, 26, 64, K.INT4, torch.float32) == 0
+            and K.norm_mode(model.norm, 26, 64, K.NONE, torch.float32) == 0
+        )
+        for a, b in zip(ref, run(), strict=True):
+            assert rel_err(b, a) < 1e-5, rel_err(b, a)
+    finally:
+        K.available, (K.SWIGLU, K.FOLD_NORMS) = real, flags
+    print("fold_norms ok")
+
+
 def check_copy_rows():
     """One launch moves rows src -> dst in every cache, reading all of them first (the ranges overlap)."""
     torch.manual_seed(4)
@@ -485,6 +530,7 @@ if __name__ == "__main__":
     check_compile()
     check_fused()
     check_swiglu()
+    check_fold_norms()
     check_copy_rows()
     check_rope_cache()
     check_chunk_topk()

@@ -27,5 +27,5 @@ def test_kernels_in_the_triton_interpreter():
         "rope_cache",
         "chunk_topk",
     )
-    for part in (*parts, "few_attention", "pin"):
+    for part in (*parts, "few_attention", "pin", "fold_norms"):
         assert f"{part} ok" in r.stdout
