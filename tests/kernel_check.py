@@ -42,6 +42,32 @@ def assert_rejected(calls, what: str) -> None:
         raise AssertionError(f"bad {what} accepted")
 
 
+def tiny_model(seed: int) -> M.Transformer:
+    """The tiny preset with random weights and RMSNorm weights away from 1 (so that folding or fusing them shows)."""
+    torch.manual_seed(seed)
+    model = M.Transformer(M.ModelArgs.from_name("tiny")).eval()
+    for mod in model.modules():
+        if isinstance(mod, M.RMSNorm):
+            mod.weight.data = torch.rand_like(mod.weight) + 0.5
+    return model
+
+
+def three_forwards(model, tokens, slots: int = 64, dtype=torch.float32) -> list:
+    """Logits of a prefill (9 tokens), one token, and 26 tokens written to shuffled cache slots, from fresh caches."""
+    calls = [(tokens[:, :9], torch.arange(9), None), (tokens[:, 9:10], torch.tensor([9]), None)]
+    calls.append(
+        (tokens[:, 10:36], torch.arange(10, 36), torch.randperm(26, generator=torch.Generator().manual_seed(0)) + 10)
+    )
+    model.setup_caches(1, slots, dtype)
+    with torch.no_grad():
+        return [model(t, pos, cache_pos).float() for t, pos, cache_pos in calls]
+
+
+def assert_all_close(outs_a: list, outs_b: list, tol: float = 1e-5) -> None:
+    for a, b in zip(outs_a, outs_b, strict=True):
+        assert rel_err(b, a) < tol, rel_err(b, a)
+
+
 def check_all_configs():
     """Every block-shape config, as the autotuner would run it for the shape: pruned first (`_prune`; triton's
     autotuner skips pruning where it holds a single config, so the test prunes itself)."""
@@ -254,12 +280,8 @@ def check_fused():
             assert rel_err(f(x), refs[id(few)][0] * 2) < 1e-5
         # A whole model: decode steps go through the fused kernels, logits as in the reference.
         K.available = real
-        torch.manual_seed(7)
-        args = M.ModelArgs.from_name("tiny")
-        model = M.Transformer(args).eval()
-        for mod in model.modules():
-            if isinstance(mod, M.RMSNorm):
-                mod.weight.data = torch.rand_like(mod.weight) + 0.5
+        model = tiny_model(7)
+        args = model.args
         tokens = torch.randint(0, args.vocab_size, (1, 10))
         outs = []
         for fuse in (False, True):
@@ -335,15 +357,10 @@ def check_swiglu():
         model = M.Transformer(args).eval()
         K.use_triton_linears(model, K.MAX_M)
         tokens = torch.randint(0, args.vocab_size, (1, 40))
-        calls = [(tokens[:, :9], torch.arange(9)), (tokens[:, 9:10], torch.tensor([9])), (tokens[:, 10:36], None)]
         outs = []
-        for on in (False, True):
-            K.SWIGLU = on
-            model.setup_caches(1, 64, torch.float32)
-            with torch.no_grad():
-                outs.append([model(t, torch.arange(10, 36) if p is None else p) for t, p in calls])
-        for a, b in zip(outs[0], outs[1], strict=True):
-            assert rel_err(b, a) < 1e-5, rel_err(b, a)
+        for K.SWIGLU in (False, True):
+            outs.append(three_forwards(model, tokens))
+        assert_all_close(*outs)
     finally:
         K.available, K.SWIGLU = real, flag
     print("swiglu ok")
@@ -353,25 +370,13 @@ def check_fold_norms():
     """model.fold_norm_weights leaves a model's logits as they were (CPU path), and with kernels.FOLD_NORMS and
     SWIGLU (norms as row scales, residual adds and gating in epilogues: 7 launches a layer) they stay so for a
     prefill, one token and 26 tokens; the norm modes the rules give."""
-    torch.manual_seed(14)
-    args = M.ModelArgs.from_name("tiny")
-    model = M.Transformer(args).eval()
-    for mod in model.modules():
-        if isinstance(mod, M.RMSNorm):
-            mod.weight.data = torch.rand_like(mod.weight) + 0.5
+    model = tiny_model(14)
+    args = model.args
     tokens = torch.randint(0, args.vocab_size, (1, 40))
-    calls = [(tokens[:, :9], torch.arange(9)), (tokens[:, 9:10], torch.tensor([9])), (tokens[:, 10:36], None)]
-
-    def run():
-        model.setup_caches(1, 64, torch.float32)
-        with torch.no_grad():
-            return [model(t, torch.arange(10, 36) if p is None else p) for t, p in calls]
-
-    ref = run()
+    ref = three_forwards(model, tokens)
     assert M.fold_norm_weights(model) == 2 * args.n_layers and M.fold_norm_weights(model) == 0
     assert model.layers[0].ffn_norm.folded and torch.equal(model.layers[0].ffn_norm.weight, torch.ones(args.dim))
-    for a, b in zip(ref, run(), strict=True):
-        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+    assert_all_close(ref, three_forwards(model, tokens))
     K.use_triton_linears(model, K.MAX_M)
     real, flags = K.available, (K.SWIGLU, K.FOLD_NORMS)
     try:
@@ -385,8 +390,7 @@ def check_fold_norms():
             K.norm_mode(norm, 26, 64, K.INT4, torch.float32) == 0
             and K.norm_mode(model.norm, 26, 64, K.NONE, torch.float32) == 0
         )
-        for a, b in zip(ref, run(), strict=True):
-            assert rel_err(b, a) < 1e-5, rel_err(b, a)
+        assert_all_close(ref, three_forwards(model, tokens))
     finally:
         K.available, (K.SWIGLU, K.FOLD_NORMS) = real, flags
     print("fold_norms ok")
@@ -481,16 +485,10 @@ def check_few_attention():
         args = M.ModelArgs.from_name("tiny")
         model = M.Transformer(args).eval()
         tokens = torch.randint(0, args.vocab_size, (1, 40))
-        calls = [(tokens[:, :9], torch.arange(9), None), (tokens[:, 9:10], torch.tensor([9]), None)]
-        calls.append((tokens[:, 10:36], torch.arange(10, 36), torch.randperm(26) + 10))
         outs = []
-        for on in (False, True):
-            K.FEW_ATTENTION = on
-            model.setup_caches(1, 100, torch.float32)
-            with torch.no_grad():
-                outs.append([model(t, pos, slots) for t, pos, slots in calls])
-        for a, b in zip(outs[0], outs[1], strict=True):
-            assert rel_err(b, a) < 1e-5, rel_err(b, a)
+        for K.FEW_ATTENTION in (False, True):
+            outs.append(three_forwards(model, tokens, slots=100))
+        assert_all_close(*outs)
     finally:
         K.available, K.FEW_ATTENTION = real, flag
     print("few_attention ok")
