@@ -21,7 +21,7 @@ Both kernels are autotuned per (N, K, quant[, BLOCK_M]) over a few block shapes 
 custom op `llmgen::wmm`, so torch.compile treats a call as one opaque kernel and CUDA graphs capture it. Both add a
 bias if there is one. They can also apply the RMSNorm that precedes the matmul and add the residual that follows it
 (`fused_wmm`, used through model.linear), two fewer launches per layer, and the SwiGLU gating before the down
-projection: used for one token where K >= FUSE_MIN_K, for 2-64 tokens only where FEW_FUSE is on (measured slower).
+projection, for one token where K >= FUSE_MIN_K.
 
 More custom ops cut launches elsewhere: `rope_and_cache` (RoPE on q and k, k and v into their cache slots: one
 kernel per layer instead of three), `few_token_attention` (attention of 1-64 query tokens in two kernels instead of
@@ -254,17 +254,16 @@ if triton is not None:
 
     @triton.autotune(
         configs=_GEMM_CONFIGS,
-        key=["N", "K", "QUANT", "GROUP", "BLOCK_M", "NORM", "RESIDUAL", "GATED", "SWIGLU"],
+        key=["N", "K", "QUANT", "GROUP", "BLOCK_M", "NORM", "RESIDUAL", "SWIGLU"],
         **_TUNE,
     )
     @triton.heuristics(_EVEN_K)
     @triton.jit
     def _gemm_kernel(
-        x_ptr,  # [M, K] row-major, or [M, 2K] (GATED)
+        x_ptr,  # [M, K] row-major
         w_ptr,
         s_ptr,
         y_ptr,  # [M, N]
-        g_ptr,  # [K] RMSNorm weight (NORM)
         r_ptr,  # [M, N] residual (RESIDUAL)
         b_ptr,  # [N] bias (BIAS)
         M,
@@ -273,9 +272,8 @@ if triton is not None:
         eps,
         QUANT: tl.constexpr,
         GROUP: tl.constexpr,
-        NORM: tl.constexpr,  # as in _gemv_kernel, per row of x (quant 0 and 1)
+        NORM: tl.constexpr,  # 2 only (as in _gemv_kernel: the norm's weight folded into W), quant 0 and 1
         RESIDUAL: tl.constexpr,
-        GATED: tl.constexpr,  # (quant 0 and 1)
         BIAS: tl.constexpr,
         SWIGLU: tl.constexpr,  # as in _gemv_kernel
         PDL: tl.constexpr,
@@ -284,9 +282,9 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
-        """The fusions of _gemv_kernel for a few tokens: a tile of x is gated (silu(gate) * up) or multiplied by
-        the norm weight g in float32 before it goes to tl.dot, and each row's sum of squares is kept for one scale
-        of that row at the end; SWIGLU runs a second tl.dot against the up rows and gates at the end."""
+        """The epilogue fusions of _gemv_kernel for a few tokens (residual, bias, SwiGLU with a second tl.dot against
+        the up rows) and the folded norm's row scale. Nothing runs between a tile's load and tl.dot: a norm or gating
+        there (tried twice, third and sixth sessions) made an EAGLE round up to 59% slower."""
         _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
@@ -310,7 +308,7 @@ if triton is not None:
         else:
             rk = tl.arange(0, BLOCK_K)
             ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            row = rm[:, None] * (2 * K if GATED else K)
+            row = rm[:, None] * K
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
                 wp = w_ptr + rn[:, None] * K + kk[None, :]
@@ -323,18 +321,7 @@ if triton is not None:
                     x = tl.load(xp, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
                 if QUANT == 1:
                     w = _as_float(w.to(tl.int32), 128, 0)
-                if GATED:
-                    gate = x.to(tl.float32)
-                    if EVEN_K:
-                        up = tl.load(xp + K, mask=m_ok[:, None], other=0.0)
-                    else:
-                        up = tl.load(xp + K, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-                    x = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(dt)
-                if NORM == 1:
-                    xf = x.to(tl.float32)
-                    ss += tl.sum(xf * xf, axis=1)
-                    x = (xf * _load_x(g_ptr, kk, K, False, EVEN_K)[None, :]).to(dt)
-                if NORM == 2:  # x goes to tl.dot as loaded: only its sum of squares on the side
+                if NORM:  # x goes to tl.dot as loaded: only its sum of squares on the side
                     xf = x.to(tl.float32)
                     ss += tl.sum(xf * xf, axis=1)
                 acc += tl.dot(x, tl.trans(w.to(dt)))
@@ -386,11 +373,11 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
     """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring.
 
     Fusions, all inside the one kernel (residual + W @ rmsnorm(x) + bias): g [K] applies RMSNorm (weight g, epsilon
-    eps) to every row of x first; gated: x is [M, 2K] = [gate | up] and the input is silu(gate) * up; residual [M, N]
-    and bias [N] are added to the result. int4 takes the norm and the gating for one token only. swiglu: W holds
+    eps) to x first, and gated: x is [1, 2K] = [gate | up] and the input is silu(gate) * up (both for one token);
+    residual [M, N] and bias [N] are added to the result. swiglu: W holds
     [gate; up] (2N rows) and the result is silu(x @ gate.T) * (x @ up.T) [M, N] (no residual, bias or gating then).
     unit_norm: an RMSNorm (epsilon eps) whose weight is already folded into W (model.fold_norm_weights; g is None):
-    only each row's 1 / rms scales the result, and x reaches tl.dot untouched."""
+    only each row's 1 / rms scales the result (bf16 and int8 for 2-64 tokens; any format for one)."""
     m, n, k = _check(x, w, s, quant, group, gated)
     if swiglu:
         if n % 2 or residual is not None or bias is not None or gated:
@@ -398,8 +385,8 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
         n //= 2
     if unit_norm and g is not None:
         raise ValueError("unit_norm: the norm weight is folded into W, pass no g")
-    if (g is not None or gated or unit_norm) and m != 1 and quant == INT4:
-        raise ValueError(f"int4: the fused norm / gating take one token, got {m}")
+    if (g is not None or gated) and m != 1 or unit_norm and m != 1 and quant == INT4:
+        raise ValueError(f"the fused norm / gating take one token here, got {m}")
     if g is not None and g.shape != (k,) or residual is not None and residual.shape != (m, n):
         shapes = [None if t is None else tuple(t.shape) for t in (g, residual)]
         raise ValueError(f"norm weight / residual of shapes {shapes} for M={m}, N={n}, K={k}")
@@ -418,7 +405,8 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
         _gemv_kernel[grid](x, w, s, y, g, r, b, n, k, eps, **flags, launch_pdl=PDL)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        _gemm_kernel[grid](x, w, s, y, g, r, b, m, n, k, eps, **flags, BLOCK_M=block_m, launch_pdl=PDL)
+        flags.pop("GATED")
+        _gemm_kernel[grid](x, w, s, y, r, b, m, n, k, eps, **flags, BLOCK_M=block_m, launch_pdl=PDL)
     return y
 
 
@@ -432,17 +420,15 @@ def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False, bias=N
 # - one token: inputs of K >= FUSE_MIN_K only. Measured on an H200 (BENCHMARKS.md): +2.7% tok/s on the Llama-2-7B shape
 #   (K = 4096, 11008); on SmolLM2 (K = 576, 1536) -1.3% once and +1.0% another time (within the noise), back when K =
 #   576 ran as nine chunks of 64.
-# - 2-64 tokens (EAGLE's tree steps and verification; bf16 and int8): only where FEW_FUSE is turned on (bench.py
-#   --few-fuse). Three launches fewer per layer, but measured slower: on SmolLM2 (H200, MT-bench, sixth session) an
-#   EAGLE round took 1.857 ms with it against 1.171 ms without (a first try in the third session: 10 us a call). The
-#   norm or gating between the tile's load and tl.dot costs more than the kernels it saves.
+# - 2-64 tokens (EAGLE's tree steps and verification): not the norm with its weight or the gating. Both there would
+#   save three launches per layer but were measured slower twice: 10 us a call (third session), and on SmolLM2 (H200,
+#   MT-bench, sixth session) an EAGLE round of 1.857 ms against 1.171 ms without: work between a tile's load and tl.dot
+#   costs more than the kernels it saves. What stays is the epilogue-only FOLD_NORMS and SWIGLU below.
 FUSE_MIN_K = 2048
-FEW_FUSE = False
 # The SwiGLU gating silu(gate) * up in the epilogue of the gate/up matmul (swiglu_wmm, model.FeedForward) instead of a
 # kernel of its own (Inductor's, or in the down projection's loads under GATED): one launch fewer per layer for every
-# token count up to MAX_M, and no [.., 2I] intermediate. The matmul's loads and tl.dot are unchanged (FEW_FUSE's
-# slowdown came from work between them). Built in the sixth session after its GPU time ran out: off until measured
-# (bench.py --swiglu).
+# token count up to MAX_M, and no [.., 2I] intermediate. The matmul's loads and tl.dot are unchanged. Built in the
+# sixth session after its GPU time ran out: off until measured (bench.py --swiglu).
 SWIGLU = False
 # An RMSNorm whose weight model.fold_norm_weights has folded into the next matmul's weight goes into that matmul for
 # 2-64 tokens as one scale per row at the end (NORM 2: x reaches tl.dot as loaded, its sum of squares is taken on the
@@ -459,7 +445,7 @@ def norm_mode(norm, m: int, k: int, quant: int, dtype: torch.dtype) -> int:
     if norm is None:
         return 0
     folded = getattr(norm, "folded", False)
-    inside = k >= FUSE_MIN_K if m == 1 else quant != INT4 and (FEW_FUSE or FOLD_NORMS and folded)
+    inside = k >= FUSE_MIN_K if m == 1 else quant != INT4 and FOLD_NORMS and folded
     if not inside or not folded and norm.weight.dtype != dtype:
         return 0
     return 2 if folded else 1
@@ -478,9 +464,9 @@ def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, no
         return None
     mode = norm_mode(norm, m, k, quant, x2.dtype)
     one = m == 1 and k >= FUSE_MIN_K
-    if norm is not None and mode == 0 or gated and not (one or m > 1 and FEW_FUSE and quant != INT4):
+    if norm is not None and mode == 0 or gated and not one:
         return None
-    if residual is not None and not (one or m > 1 and (FEW_FUSE or FOLD_NORMS)):
+    if residual is not None and not (one or m > 1 and FOLD_NORMS):
         return None
     if any(t is not None and t.dtype != x2.dtype for t in (residual, bias)):
         return None

@@ -268,6 +268,10 @@ class Block(nn.Module):
         return self.feed_forward(h, norm=self.ffn_norm, residual=h)  # h + ffn(norm(h))
 
 
+# In a Block, which RMSNorm feeds which linear (used by fold_norm_weights, and by quantize.py to weight int4 errors).
+NORM_BEFORE = {"attention.wqkv": "attention_norm", "feed_forward.w13": "ffn_norm"}
+
+
 def fold_norm_weights(model: nn.Module) -> int:
     """Fold the weight g of every RMSNorm that feeds one dense linear (a Block's attention_norm -> wqkv and
     ffn_norm -> w13) into that linear's columns, W <- W * g (rounded once, from float32), and set g to ones, marking
@@ -275,8 +279,8 @@ def fold_norm_weights(model: nn.Module) -> int:
     one scale per row at the end (kernels.FOLD_NORMS). Quantized linears are left as they are. Returns how many."""
     folded = 0
     for block in (m for m in model.modules() if isinstance(m, Block)):
-        for norm, lin in ((block.attention_norm, block.attention.wqkv), (block.ffn_norm, block.feed_forward.w13)):
-            w = getattr(lin, "weight", None)
+        for lin_name, norm_name in NORM_BEFORE.items():
+            norm, w = getattr(block, norm_name), getattr(block.get_submodule(lin_name), "weight", None)
             if not isinstance(norm, RMSNorm) or getattr(norm, "folded", False) or w is None:
                 continue
             if not w.is_floating_point():

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from model import CheckpointError, ModelArgs, Transformer, read_checkpoint
+from model import NORM_BEFORE, CheckpointError, ModelArgs, Transformer, read_checkpoint
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)  # what both tinygemm kernels (CUDA and CPU) accept
@@ -454,9 +454,10 @@ def input_norm_weight(name: str, sd: dict) -> Tensor | None:
     statistics when fitting int4 groups."""
     if name == "output":
         return sd.get("norm.weight")
-    parent, _, leaf = name.rpartition(".")  # "layers.3.attention", "wqkv"
-    norm = {"wqkv": "attention_norm", "w13": "ffn_norm"}.get(leaf)
-    return None if norm is None else sd.get(f"{parent.rpartition('.')[0]}.{norm}.weight")
+    for lin, norm in NORM_BEFORE.items():  # "layers.3.attention.wqkv" -> "layers.3.attention_norm.weight"
+        if name.endswith("." + lin):
+            return sd.get(f"{name[: -len(lin)]}{norm}.weight")
+    return None
 
 
 def quantize_state_dict(sd: dict, args: ModelArgs, quant: dict, device="cpu", progress: bool = True):

@@ -434,12 +434,6 @@ def main() -> None:
     )
     switch(
         p,
-        "--few-fuse",
-        kernels.FEW_FUSE,
-        "RMSNorm, residual add and SwiGLU gating inside the 2-64-token Triton matmuls (kernels.FEW_FUSE)",
-    )
-    switch(
-        p,
         "--fold-norms",
         kernels.FOLD_NORMS,
         "fold RMSNorm weights into the next matmul (model.fold_norm_weights) and apply the norm there as a row scale "
@@ -497,7 +491,6 @@ def main() -> None:
     G.set_kernels(a.kernel)
     kernels.TRITON_TOPK = a.triton_topk
     kernels.FEW_ATTENTION = a.triton_attention
-    kernels.FEW_FUSE = a.few_fuse
     kernels.SWIGLU = a.swiglu
     kernels.FOLD_NORMS = a.fold_norms
     pinned = kernels.pin_configs(json.loads(Path(a.configs_in).read_text())["tuned_configs"]) if a.configs_in else 0
@@ -516,7 +509,6 @@ def main() -> None:
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
-        "few_fuse": kernels.FEW_FUSE,
         "swiglu": kernels.SWIGLU,
         "fold_norms": kernels.FOLD_NORMS,
     }  # fmt: skip
