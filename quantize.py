@@ -128,12 +128,11 @@ def quantize_int4(w: Tensor, groupsize: int, refine: int = 0, col_weight: Tensor
     lo, hi = torch.aminmax(wg, dim=-1, keepdim=True)  # [out, in/G, 1]
     scale = ((hi - lo) / 15).clamp_(min=1e-12)
     base = lo  # dequantized level i is base + i * scale, i = 0..15
-    c = torch.ones(1, 1, 1) if col_weight is None else col_weight.float().reshape(1, k // groupsize, groupsize)
+    c = torch.ones(1, 1, groupsize) if col_weight is None else col_weight.float().reshape(1, k // groupsize, groupsize)
+    c = c.to(wg.device)
     c_sum = c.sum(-1, keepdim=True).clamp_(min=1e-20)
     for _ in range(refine):
         q = (wg - base).div_(scale).round_().clamp_(0, 15)
-        if col_weight is None:
-            c, c_sum = torch.ones_like(q), torch.full_like(scale, groupsize)
         q_mean, w_mean = (q * c).sum(-1, keepdim=True) / c_sum, (wg * c).sum(-1, keepdim=True) / c_sum
         dq = q - q_mean
         var, cov = (dq * dq * c).sum(-1, keepdim=True), (dq * (wg - w_mean) * c).sum(-1, keepdim=True)
