@@ -390,12 +390,12 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
     return res
 
 
-@torch.inference_mode()
 def switch(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
     """An on/off option: --name / --no-name."""
     p.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
+@torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", choices=["smollm2", "smollm2-shape", "7b"],
