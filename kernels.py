@@ -12,10 +12,14 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   w * x elementwise in float32 registers and reducing once at the end (no tensor cores: nothing to multiply). The
   chunks are dependent steps, so for small K few and wide ones win: bf16 and int8 mask a last, partial chunk (K = 576
   in one chunk of 1024 rather than nine of 64; int4 keeps whole groups, so its BLOCK_K divides K).
+  Here the int8 and int4 kernels are bound by instructions issued, not bytes (int4: ~9 per weight byte by byte): int4
+  is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by a shift and an and-or into a float's mantissa
+  (`_mant`), and the group's scale and zero are applied once per word, not once per weight.
 - M > 1 (`_gemm_kernel`): the same walk, but the converted chunk goes through tl.dot against a BLOCK_M-row tile of x
-  (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs.
-- Integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for 0 <= i < 2^23, so
-  one integer add and one float subtract replace a conversion instruction (which runs at 1/8 rate on Hopper).
+  (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs. Some block shapes swap the
+  operands (`_dot`): the weight tile is tl.dot's first operand and the tokens its N.
+- Elsewhere integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for
+  0 <= i < 2^23, so one integer add and one float subtract replace a conversion instruction (1/8 rate on Hopper).
 
 Both kernels are autotuned per (N, K, quant[, BLOCK_M]) over a few block shapes on first use, and wrapped as the
 custom op `llmgen::wmm`, so torch.compile treats a call as one opaque kernel and CUDA graphs capture it. Both add a
@@ -79,7 +83,7 @@ if triton is not None:
             bn, bk = c.kwargs["BLOCK_N"], min(max(c.kwargs["BLOCK_K"], group), kmax)
             if bn <= max(16, triton.next_power_of_2(n)):
                 cfg = triton.Config({**c.kwargs, "BLOCK_K": bk}, num_warps=c.num_warps, num_stages=c.num_stages)
-                fitted.setdefault((bn, bk, c.num_warps, c.num_stages), cfg)
+                fitted.setdefault((bn, bk, c.kwargs.get("SWAP"), c.num_warps, c.num_stages), cfg)
         return list(fitted.values())
 
     _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}  # no mask on K where BLOCK_K divides it
@@ -94,11 +98,13 @@ if triton is not None:
         ]
     ]  # fmt: skip
     _GEMM_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [
-            (16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 8, 2),
-            (16, 256, 4, 5), (16, 512, 4, 4), (32, 256, 8, 4), (32, 512, 8, 3),
-            (16, 1024, 4, 1), (16, 1024, 8, 1), (32, 1024, 8, 1), (16, 512, 4, 2),  # small K in one or two chunks
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": sw}, num_warps=w, num_stages=s)
+        for bn, bk, w, s, sw in [
+            (16, 128, 4, 3, 0), (16, 256, 4, 3, 0), (32, 128, 4, 3, 0), (32, 256, 4, 3, 0), (64, 128, 4, 3, 0),
+            (16, 512, 8, 2, 0), (16, 256, 4, 5, 0), (16, 512, 4, 4, 0), (32, 256, 8, 4, 0), (32, 512, 8, 3, 0),
+            (16, 1024, 4, 1, 0), (16, 1024, 8, 1, 0), (32, 1024, 8, 1, 0), (16, 512, 4, 2, 0),  # small K: few chunks
+            (32, 256, 4, 3, 1), (64, 128, 4, 3, 1), (64, 256, 4, 3, 1), (64, 256, 8, 3, 1), (128, 128, 4, 3, 1),
+            (128, 256, 8, 2, 1), (64, 512, 8, 2, 1),  # int8 / int4: the converted weight as tl.dot's first operand
         ]
     ]  # fmt: skip
 
@@ -106,6 +112,17 @@ if triton is not None:
     def _as_float(i, OFFSET: tl.constexpr, SUB: tl.constexpr):
         """int32 i (with i + OFFSET in 0..2^23) -> float32 i - SUB, by the exponent trick."""
         return (i + (0x4B000000 + OFFSET)).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET + SUB)
+
+    @triton.jit
+    def _mant(w, SHIFT: tl.constexpr, MASK: tl.constexpr):
+        """int32 w shifted by SHIFT (left where > 0) and masked into the top bits of a float32 mantissa, with 1.0's
+        exponent: 1 + field / 2^width, exact, in two integer instructions (shift, and-or), where extracting,
+        offsetting and subtracting takes three or four."""
+        if SHIFT > 0:
+            w = w << SHIFT
+        elif SHIFT < 0:
+            w = w >> -SHIFT
+        return ((w & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -160,14 +177,40 @@ if triton is not None:
             w = w.to(tl.float32)
         return w
 
+    @triton.jit
+    def _dot(x, w, acc, SWAP: tl.constexpr):
+        """acc + x @ w.T ([BLOCK_M, BLOCK_N]), or with SWAP acc + w @ x.T ([BLOCK_N, BLOCK_M]): the converted weight
+        tile as tl.dot's first operand, which the tensor cores can take from registers, and the few tokens as its N
+        (the "swap AB" of small-batch GEMMs); the kernel transposes the result once at the end."""
+        if SWAP:
+            out = tl.dot(w, tl.trans(x), acc)
+        else:
+            out = tl.dot(x, tl.trans(w), acc)
+        return out
+
+    @triton.jit
+    def _int4_words(w_ptr, rows, row_ok, kw, KW):
+        """Words kw [NG groups, WG words] of rows `rows` of an int4 weight read as int32 [N, KW]: [rows, NG, WG]."""
+        return tl.load(w_ptr + rows[:, None, None] * KW + kw[None, :, :], mask=row_ok[:, None, None], other=0)
+
+    @triton.jit
+    def _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, NG: tl.constexpr):
+        """The (scale, zero) of rows rn for the NG groups from column k0 on, as float32 [rows, NG, 1] each."""
+        sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + tl.arange(0, NG))[None, :])
+        s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+        return s, z
+
     @triton.autotune(
-        configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED", "SWIGLU"], **_TUNE
+        configs=_GEMV_CONFIGS,
+        key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED", "SWIGLU"],
+        **_TUNE,
     )
     @triton.heuristics(_EVEN_K)
     @triton.jit
     def _gemv_kernel(
         x_ptr,  # [K], or [2K] (GATED)
-        w_ptr,  # [N, K] (quant 0, 1) or [N, K/2] uint8 (quant 2); [2N, ...] with SWIGLU
+        w_ptr,  # [N, K] (quant 0, 1) or its int32 view [N, K/8] (quant 2: 8 nibbles a word); [2N, ...] with SWIGLU
         s_ptr,  # [N] int8 scales, or [N, K/G, 2] int4 (scale, zero); unused for quant 0; [2N, ...] with SWIGLU
         y_ptr,  # [N]
         g_ptr,  # [K] RMSNorm weight (NORM)
@@ -195,28 +238,40 @@ if triton is not None:
         _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        if QUANT == 2:  # chunks of [BLOCK_N rows, NG groups, HG bytes] (see _int4_chunk); BLOCK_K divides K
+        if QUANT == 2:  # 32-bit words of 8 weights, [BLOCK_N rows, NG groups, WG words]; BLOCK_K divides K
             NG: tl.constexpr = BLOCK_K // GROUP
-            HG: tl.constexpr = GROUP // 2
-            rg, rj = tl.arange(0, NG), tl.arange(0, HG)
-            acc = tl.zeros((BLOCK_N, NG, HG), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_N, NG, HG), dtype=tl.float32)
-            ss = tl.zeros((NG, HG), dtype=tl.float32)
+            WG: tl.constexpr = GROUP // 8
+            KW = tl.multiple_of(K // 8, 4)  # words per row (K is a multiple of the group, >= 32)
+            rw = tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :]
+            acc = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
+            ss = tl.zeros((NG, WG), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                off = k0 + 2 * (rg[:, None] * HG + rj[None, :])
-                xe = _load_x(x_ptr, off, K, GATED, True)
-                xo = _load_x(x_ptr, off + 1, K, GATED, True)
-                if NORM:
-                    ss += xe * xe + xo * xo
-                if NORM == 1:
-                    xe = xe * tl.load(g_ptr + off).to(tl.float32)
-                    xo = xo * tl.load(g_ptr + off + 1).to(tl.float32)
-                we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
-                acc += we * xe[None, :, :] + wo * xo[None, :, :]
+                kw = k0 // 8 + rw
+                wt = _int4_words(w_ptr, rn, n_ok, kw, KW)
                 if SWIGLU:
-                    ue, uo = _int4_chunk(w_ptr, s_ptr, rn + N, n_ok, k0, K, GROUP, BLOCK_K)
-                    acc_up += ue * xe[None, :, :] + uo * xo[None, :, :]
-            acc, acc_up = tl.sum(acc, axis=2), tl.sum(acc_up, axis=2)
+                    ut = _int4_words(w_ptr, rn + N, n_ok, kw, KW)
+                a = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)  # sum of (1 + q / 16) x over each word
+                a_up = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
+                xs = tl.zeros((NG, WG), dtype=tl.float32)  # sum of x over each word
+                for j in tl.static_range(8):
+                    xj = _load_x(x_ptr, 8 * kw + j, K, GATED, True)
+                    if NORM:
+                        ss += xj * xj
+                    if NORM == 1:
+                        xj = xj * tl.load(g_ptr + 8 * kw + j).to(tl.float32)
+                    xs += xj
+                    a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
+                    if SWIGLU:
+                        a_up += _mant(ut, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
+                # W = (q - 8) s + z, so a group adds s * sum(q x) + (z - 8 s) * sum(x) = 16 s a + (z - 24 s) xs
+                s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG)
+                acc += a * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :]
+                if SWIGLU:
+                    s, z = _int4_scales(s_ptr, rn + N, n_ok, k0, K, GROUP, NG)
+                    acc_up += a_up * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :]
+            y = tl.sum(tl.sum(acc, axis=2), axis=1)
+            up = tl.sum(tl.sum(acc_up, axis=2), axis=1)
             sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
         else:
             rk = tl.arange(0, BLOCK_K)
@@ -233,14 +288,14 @@ if triton is not None:
                 acc += _w_tile(w_ptr, rn, n_ok, kk, K, QUANT, EVEN_K) * xk[None, :]
                 if SWIGLU:
                     acc_up += _w_tile(w_ptr, rn + N, n_ok, kk, K, QUANT, EVEN_K) * xk[None, :]
+            y = tl.sum(acc, axis=1)
+            up = tl.sum(acc_up, axis=1)
             sum_sq = tl.sum(ss, axis=0)
-        y = tl.sum(acc, axis=1)
         if QUANT == 1:
             y = y * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if NORM:
             y = y * tl.rsqrt(sum_sq / K + eps)
         if SWIGLU:
-            up = tl.sum(acc_up, axis=1)
             if QUANT == 1:
                 up = up * tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)
             if NORM:
@@ -280,6 +335,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SWAP: tl.constexpr,  # see _dot
         EVEN_K: tl.constexpr,
     ):
         """The epilogue fusions of _gemv_kernel for a few tokens (residual, bias, SwiGLU with a second tl.dot against
@@ -289,8 +345,13 @@ if triton is not None:
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
         dt = x_ptr.dtype.element_ty
         if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); BLOCK_K divides K
             rb = tl.arange(0, BLOCK_K // 2)
@@ -299,15 +360,14 @@ if triton is not None:
                 xe = tl.load(xp, mask=m_ok[:, None], other=0.0)
                 xo = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
                 we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
-                acc += tl.dot(xe, tl.trans(tl.reshape(we.to(dt), (BLOCK_N, BLOCK_K // 2))))
-                acc += tl.dot(xo, tl.trans(tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2))))
+                acc = _dot(xe, tl.reshape(we.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
+                acc = _dot(xo, tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
                 if SWIGLU:
                     ue, uo = _int4_chunk(w_ptr, s_ptr, rn + N, n_ok, k0, K, GROUP, BLOCK_K)
-                    acc_up += tl.dot(xe, tl.trans(tl.reshape(ue.to(dt), (BLOCK_N, BLOCK_K // 2))))
-                    acc_up += tl.dot(xo, tl.trans(tl.reshape(uo.to(dt), (BLOCK_N, BLOCK_K // 2))))
+                    acc_up = _dot(xe, tl.reshape(ue.to(dt), (BLOCK_N, BLOCK_K // 2)), acc_up, SWAP)
+                    acc_up = _dot(xo, tl.reshape(uo.to(dt), (BLOCK_N, BLOCK_K // 2)), acc_up, SWAP)
         else:
             rk = tl.arange(0, BLOCK_K)
-            ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
             row = rm[:, None] * K
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
@@ -324,12 +384,14 @@ if triton is not None:
                 if NORM:  # x goes to tl.dot as loaded: only its sum of squares on the side
                     xf = x.to(tl.float32)
                     ss += tl.sum(xf * xf, axis=1)
-                acc += tl.dot(x, tl.trans(w.to(dt)))
+                acc = _dot(x, w.to(dt), acc, SWAP)
                 if SWIGLU:
-                    acc_up += tl.dot(x, tl.trans(_w_tile(w_ptr, rn + N, n_ok, kk, K, QUANT, EVEN_K).to(dt)))
-            if NORM:
-                acc = acc * tl.rsqrt(ss / K + eps)[:, None]
-                acc_up = acc_up * tl.rsqrt(ss / K + eps)[:, None]
+                    acc_up = _dot(x, _w_tile(w_ptr, rn + N, n_ok, kk, K, QUANT, EVEN_K).to(dt), acc_up, SWAP)
+        if SWAP:
+            acc, acc_up = tl.trans(acc), tl.trans(acc_up)
+        if NORM:
+            acc = acc * tl.rsqrt(ss / K + eps)[:, None]
+            acc_up = acc_up * tl.rsqrt(ss / K + eps)[:, None]
         if QUANT == 1:
             acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if SWIGLU:
@@ -402,7 +464,8 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
     g, r, b = (t if t is not None else x for t in (g, residual, bias))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:
-        _gemv_kernel[grid](x, w, s, y, g, r, b, n, k, eps, **flags, launch_pdl=PDL)
+        wv = w.view(torch.int32) if quant == INT4 else w  # int4: read as words of 8 (see _gemv_kernel)
+        _gemv_kernel[grid](x, wv, s, y, g, r, b, n, k, eps, **flags, launch_pdl=PDL)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         flags.pop("GATED")
@@ -865,7 +928,8 @@ def pin_configs(entries: list[dict]) -> int:
     if triton is None:
         return 0
     for e in entries:
-        cfg = triton.Config(dict(e["kwargs"]), num_warps=e["num_warps"], num_stages=e["num_stages"])
+        kwargs = {"SWAP": 0, **e["kwargs"]} if e["kernel"] == "_gemm_kernel" else e["kwargs"]  # older files: no SWAP
+        cfg = triton.Config(dict(kwargs), num_warps=e["num_warps"], num_stages=e["num_stages"])
         globals()[e["kernel"]].cache[tuple(e["key"])] = cfg
     return len(entries)
 

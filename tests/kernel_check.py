@@ -79,9 +79,9 @@ def check_all_configs():
                 bk = cfg.kwargs["BLOCK_K"]
                 for quant, k in ((K.NONE, 2 * bk), (K.INT8, 2 * bk), (K.INT4, 2 * bk), (K.NONE, bk + 48),
                                  (K.INT8, 3 * bk + 16), (K.INT4, bk + 64)):  # fmt: skip
-                    # n = 40: not a multiple of BLOCK_N. K not a multiple of BLOCK_K: bf16 and int8 mask the last
+                    # n = 40 or 100: not a multiple of BLOCK_N. K not a multiple of BLOCK_K: bf16 and int8 mask the last
                     # chunk, int4 (no mask) must be given a BLOCK_K that divides K (here 64)
-                    n, g = 40, 64 if bk >= 64 else 32
+                    n, g = 40 if cfg.kwargs["BLOCK_N"] <= 64 else 100, 64 if bk >= 64 else 32
                     pruned = K._prune([cfg], {"K": k, "N": n}, QUANT=quant, GROUP=g if quant == K.INT4 else 0)
                     assert len(pruned) == 1 and (quant != K.INT4 or k % pruned[0].kwargs["BLOCK_K"] == 0)
                     kern.configs, kern.cache = pruned, {}
@@ -310,7 +310,8 @@ def check_swiglu():
             for cfg in configs:
                 bk = cfg.kwargs["BLOCK_K"]
                 for quant, k in ((K.NONE, bk + 48), (K.INT8, 2 * bk), (K.INT4, 2 * bk)):
-                    n, gs = 40, 64 if bk >= 64 else 32  # 2n = 80 rows: gate rows 0..39, up rows 40..79
+                    n = 40 if cfg.kwargs["BLOCK_N"] <= 64 else 100  # 2n rows: gate rows 0..n-1, up rows n..2n-1
+                    gs = 64 if bk >= 64 else 32
                     pruned = K._prune([cfg], {"K": k, "N": n}, QUANT=quant, GROUP=gs if quant == K.INT4 else 0)
                     kern.configs, kern.cache = pruned, {}
                     w, s, ref_w = weights(quant, 2 * n, k, gs)
