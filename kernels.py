@@ -125,6 +125,26 @@ if triton is not None:
         return ((w & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _int8_float(w):
+        """int8 w as float32 q + 2^23 + 128 (subtract 8388736.0 for q): four weights per 32-bit register, one xor for
+        the four (q + 128, 0..255) and one byte permute each into the low byte of 2^23 (`prmt`), where Triton's own
+        code takes a permute, an add and more. The interpreter has no PTX: there the same by integer arithmetic."""
+        if _NO_PTX:
+            f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
+        else:
+            f = tl.inline_asm_elementwise(
+                asm="{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
+                "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
+                "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
+                constraints="=r,=r,=r,=r,r",
+                args=[w],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=4,
+            )
+        return f
+
+    @triton.jit
     def _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
         """The int4 weights of rows rn, columns k0 .. k0+BLOCK_K, as float32 (even, odd) [rows, NG groups, HG bytes]:
         each byte holds an even (high nibble) and an odd (low nibble) element, and each (row, group) one
@@ -145,6 +165,8 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+
+    _NO_PTX = tl.constexpr(INTERPRET)  # Triton's CPU interpreter runs no inline PTX
 
     _TUNE = {"prune_configs_by": {"early_config_prune": _prune}, "do_bench": _fast_bench}
 
@@ -172,7 +194,7 @@ if triton is not None:
         else:
             w = tl.load(wp, mask=row_ok[:, None] & (kk < K)[None, :], other=0)
         if QUANT == 1:
-            w = _as_float(w.to(tl.int32), 128, 0)  # (masked entries: 0 -> 0 here)
+            w = _int8_float(w) - 8388736.0  # (masked entries: 0 -> 0 here)
         else:
             w = w.to(tl.float32)
         return w
@@ -380,7 +402,7 @@ if triton is not None:
                     w = tl.load(wp, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
                     x = tl.load(xp, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
                 if QUANT == 1:
-                    w = _as_float(w.to(tl.int32), 128, 0)
+                    w = _int8_float(w) - 8388736.0
                 if NORM:  # x goes to tl.dot as loaded: only its sum of squares on the side
                     xf = x.to(tl.float32)
                     ss += tl.sum(xf * xf, axis=1)
