@@ -223,17 +223,13 @@ if triton is not None:
         z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
         return s, z
 
-    @triton.autotune(
-        configs=_GEMV_CONFIGS,
-        key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED", "SWIGLU"],
-        **_TUNE,
-    )
+    @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED"], **_TUNE)
     @triton.heuristics(_EVEN_K)
     @triton.jit
     def _gemv_kernel(
         x_ptr,  # [K], or [2K] (GATED)
-        w_ptr,  # [N, K] (quant 0, 1) or its int32 view [N, K/8] (quant 2: 8 nibbles a word); [2N, ...] with SWIGLU
-        s_ptr,  # [N] int8 scales, or [N, K/G, 2] int4 (scale, zero); unused for quant 0; [2N, ...] with SWIGLU
+        w_ptr,  # [N, K] (quant 0, 1) or its int32 view [N, K/8] (quant 2: 8 nibbles a word)
+        s_ptr,  # [N] int8 scales, or [N, K/G, 2] int4 (scale, zero); unused for quant 0
         y_ptr,  # [N]
         g_ptr,  # [K] RMSNorm weight (NORM)
         r_ptr,  # [N] residual (RESIDUAL)
@@ -243,20 +239,17 @@ if triton is not None:
         eps,
         QUANT: tl.constexpr,
         GROUP: tl.constexpr,
-        NORM: tl.constexpr,  # 1: y = W (g * x * rsqrt(mean(x^2) + eps)), the RMSNorm before the matmul, fused;
-        # 2: the same with g already folded into W (fold_norm_weights): only the row's scale, x goes in as it is
+        NORM: tl.constexpr,  # y = W (g * x * rsqrt(mean(x^2) + eps)): the RMSNorm before the matmul, fused
         RESIDUAL: tl.constexpr,  # y += r: the residual add after it
         GATED: tl.constexpr,  # x = [gate | up], the input is silu(gate) * up: the SwiGLU before the down projection
         BIAS: tl.constexpr,  # y += b
-        SWIGLU: tl.constexpr,  # W = [gate; up] (2N rows), y = silu(gate x) * (up x): the SwiGLU after the up projection
         PDL: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
         """Every program reads all of x anyway, so the norm costs it a sum of squares and a multiply by g per
-        chunk, and one scale at the end (the rsqrt is the same for every output row). With SWIGLU a program walks
-        its gate rows and the matching up rows together (two accumulators) and gates them at the end."""
+        chunk, and one scale at the end (the rsqrt is the same for every output row)."""
         _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -266,74 +259,48 @@ if triton is not None:
             KW = tl.multiple_of(K // 8, 4)  # words per row (K is a multiple of the group, >= 32)
             rw = tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :]
             acc = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
             ss = tl.zeros((NG, WG), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kw = k0 // 8 + rw
                 wt = _int4_words(w_ptr, rn, n_ok, kw, KW)
-                if SWIGLU:
-                    ut = _int4_words(w_ptr, rn + N, n_ok, kw, KW)
                 a = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)  # sum of (1 + q / 16) x over each word
-                a_up = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
                 xs = tl.zeros((NG, WG), dtype=tl.float32)  # sum of x over each word
-                for j in tl.static_range(8):
+                for j in tl.static_range(8):  # nibble j of a word is weight 8 w + j (byte j // 2, high nibble first)
                     xj = _load_x(x_ptr, 8 * kw + j, K, GATED, True)
                     if NORM:
                         ss += xj * xj
-                    if NORM == 1:
                         xj = xj * tl.load(g_ptr + 8 * kw + j).to(tl.float32)
                     xs += xj
                     a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
-                    if SWIGLU:
-                        a_up += _mant(ut, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
                 # W = (q - 8) s + z, so a group adds s * sum(q x) + (z - 8 s) * sum(x) = 16 s a + (z - 24 s) xs
                 s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG)
                 acc += a * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :]
-                if SWIGLU:
-                    s, z = _int4_scales(s_ptr, rn + N, n_ok, k0, K, GROUP, NG)
-                    acc_up += a_up * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :]
             y = tl.sum(tl.sum(acc, axis=2), axis=1)
-            up = tl.sum(tl.sum(acc_up, axis=2), axis=1)
             sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
         else:
             rk = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
                 xk = _load_x(x_ptr, kk, K, GATED, EVEN_K)
                 if NORM:
                     ss += xk * xk
-                if NORM == 1:
                     xk = xk * _load_x(g_ptr, kk, K, False, EVEN_K)
                 acc += _w_tile(w_ptr, rn, n_ok, kk, K, QUANT, EVEN_K) * xk[None, :]
-                if SWIGLU:
-                    acc_up += _w_tile(w_ptr, rn + N, n_ok, kk, K, QUANT, EVEN_K) * xk[None, :]
             y = tl.sum(acc, axis=1)
-            up = tl.sum(acc_up, axis=1)
             sum_sq = tl.sum(ss, axis=0)
         if QUANT == 1:
             y = y * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if NORM:
             y = y * tl.rsqrt(sum_sq / K + eps)
-        if SWIGLU:
-            if QUANT == 1:
-                up = up * tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)
-            if NORM:
-                up = up * tl.rsqrt(sum_sq / K + eps)
-            y = y * tl.sigmoid(y) * up
         if BIAS:
             y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if RESIDUAL:
             y += tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
-    @triton.autotune(
-        configs=_GEMM_CONFIGS,
-        key=["N", "K", "QUANT", "GROUP", "BLOCK_M", "NORM", "RESIDUAL", "SWIGLU"],
-        **_TUNE,
-    )
+    @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "QUANT", "GROUP", "BLOCK_M", "RESIDUAL"], **_TUNE)
     @triton.heuristics(_EVEN_K)
     @triton.jit
     def _gemm_kernel(
@@ -346,13 +313,10 @@ if triton is not None:
         M,
         N,
         K,
-        eps,
         QUANT: tl.constexpr,
         GROUP: tl.constexpr,
-        NORM: tl.constexpr,  # 2 only (as in _gemv_kernel: the norm's weight folded into W), quant 0 and 1
         RESIDUAL: tl.constexpr,
         BIAS: tl.constexpr,
-        SWIGLU: tl.constexpr,  # as in _gemv_kernel
         PDL: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -360,20 +324,18 @@ if triton is not None:
         SWAP: tl.constexpr,  # see _dot
         EVEN_K: tl.constexpr,
     ):
-        """The epilogue fusions of _gemv_kernel for a few tokens (residual, bias, SwiGLU with a second tl.dot against
-        the up rows) and the folded norm's row scale. Nothing runs between a tile's load and tl.dot: a norm or gating
-        there (tried twice, third and sixth sessions) made an EAGLE round up to 59% slower."""
+        """_gemv_kernel's epilogue (residual, bias) for a few tokens. Nothing runs between a tile's load and tl.dot: the
+        norm or the gating there (tried in the third and sixth sessions) made an EAGLE round up to 59% slower, and the
+        norm's weight folded into W with its row scale and the gating in the gate/up epilogue (seventh) gained
+        nothing measurable."""
         _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
         if SWAP:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
         dt = x_ptr.dtype.element_ty
         if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); BLOCK_K divides K
             rb = tl.arange(0, BLOCK_K // 2)
@@ -384,10 +346,6 @@ if triton is not None:
                 we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
                 acc = _dot(xe, tl.reshape(we.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
                 acc = _dot(xo, tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
-                if SWIGLU:
-                    ue, uo = _int4_chunk(w_ptr, s_ptr, rn + N, n_ok, k0, K, GROUP, BLOCK_K)
-                    acc_up = _dot(xe, tl.reshape(ue.to(dt), (BLOCK_N, BLOCK_K // 2)), acc_up, SWAP)
-                    acc_up = _dot(xo, tl.reshape(uo.to(dt), (BLOCK_N, BLOCK_K // 2)), acc_up, SWAP)
         else:
             rk = tl.arange(0, BLOCK_K)
             row = rm[:, None] * K
@@ -403,23 +361,11 @@ if triton is not None:
                     x = tl.load(xp, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
                 if QUANT == 1:
                     w = _int8_float(w) - 8388736.0
-                if NORM:  # x goes to tl.dot as loaded: only its sum of squares on the side
-                    xf = x.to(tl.float32)
-                    ss += tl.sum(xf * xf, axis=1)
                 acc = _dot(x, w.to(dt), acc, SWAP)
-                if SWIGLU:
-                    acc_up = _dot(x, _w_tile(w_ptr, rn + N, n_ok, kk, K, QUANT, EVEN_K).to(dt), acc_up, SWAP)
         if SWAP:
-            acc, acc_up = tl.trans(acc), tl.trans(acc_up)
-        if NORM:
-            acc = acc * tl.rsqrt(ss / K + eps)[:, None]
-            acc_up = acc_up * tl.rsqrt(ss / K + eps)[:, None]
+            acc = tl.trans(acc)
         if QUANT == 1:
             acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if SWIGLU:
-                acc_up = acc_up * tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if SWIGLU:
-            acc = acc * tl.sigmoid(acc) * acc_up
         y_mask = m_ok[:, None] & n_ok[None, :]
         if BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -452,112 +398,68 @@ def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, gated
 
 @torch.library.custom_op("llmgen::wmm", mutates_args=())
 def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tensor | None = None, eps: float = 0.0,
-        residual: Tensor | None = None, gated: bool = False, bias: Tensor | None = None, swiglu: bool = False,
-        unit_norm: bool = False) -> Tensor:  # fmt: skip
+        residual: Tensor | None = None, gated: bool = False, bias: Tensor | None = None) -> Tensor:  # fmt: skip
     """x [M, K] @ W.T -> [M, N] in x.dtype, W given by (w, s, quant, group) as in the module docstring.
 
     Fusions, all inside the one kernel (residual + W @ rmsnorm(x) + bias): g [K] applies RMSNorm (weight g, epsilon
     eps) to x first, and gated: x is [1, 2K] = [gate | up] and the input is silu(gate) * up (both for one token);
-    residual [M, N] and bias [N] are added to the result. swiglu: W holds
-    [gate; up] (2N rows) and the result is silu(x @ gate.T) * (x @ up.T) [M, N] (no residual, bias or gating then).
-    unit_norm: an RMSNorm (epsilon eps) whose weight is already folded into W (model.fold_norm_weights; g is None):
-    only each row's 1 / rms scales the result (bf16 and int8 for 2-64 tokens; any format for one)."""
+    residual [M, N] and bias [N] are added to the result."""
     m, n, k = _check(x, w, s, quant, group, gated)
-    if swiglu:
-        if n % 2 or residual is not None or bias is not None or gated:
-            raise ValueError(f"swiglu: W must have an even number of rows ({n}), and no residual, bias or gating")
-        n //= 2
-    if unit_norm and g is not None:
-        raise ValueError("unit_norm: the norm weight is folded into W, pass no g")
-    if (g is not None or gated) and m != 1 or unit_norm and m != 1 and quant == INT4:
+    if (g is not None or gated) and m != 1:
         raise ValueError(f"the fused norm / gating take one token here, got {m}")
     if g is not None and g.shape != (k,) or residual is not None and residual.shape != (m, n):
         shapes = [None if t is None else tuple(t.shape) for t in (g, residual)]
         raise ValueError(f"norm weight / residual of shapes {shapes} for M={m}, N={n}, K={k}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias of shape {tuple(bias.shape)} for N={n}")
-    if (g is not None or unit_norm) and gated:
+    if g is not None and gated:
         raise ValueError("a norm and gating together are not supported")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     s = s if s is not None else w  # placeholder pointers the kernel never reads
-    norm = 2 if unit_norm else 1 if g is not None else 0
-    flags = dict(QUANT=quant, GROUP=group, NORM=norm, RESIDUAL=residual is not None, GATED=gated, BIAS=bias is not None,
-                 SWIGLU=swiglu, PDL=PDL)  # fmt: skip
+    flags = dict(QUANT=quant, GROUP=group, RESIDUAL=residual is not None, BIAS=bias is not None, PDL=PDL)
+    norm = g is not None
     g, r, b = (t if t is not None else x for t in (g, residual, bias))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:
         wv = w.view(torch.int32) if quant == INT4 else w  # int4: read as words of 8 (see _gemv_kernel)
-        _gemv_kernel[grid](x, wv, s, y, g, r, b, n, k, eps, **flags, launch_pdl=PDL)
+        _gemv_kernel[grid](x, wv, s, y, g, r, b, n, k, eps, **flags, NORM=norm, GATED=gated, launch_pdl=PDL)
     else:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        flags.pop("GATED")
-        _gemm_kernel[grid](x, w, s, y, r, b, m, n, k, eps, **flags, BLOCK_M=block_m, launch_pdl=PDL)
+        _gemm_kernel[grid](x, w, s, y, r, b, m, n, k, **flags, BLOCK_M=block_m, launch_pdl=PDL)
     return y
 
 
 @wmm.register_fake
-def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False, bias=None, swiglu=False, unit_norm=False):
-    return x.new_empty(x.shape[0], w.shape[0] // 2 if swiglu else w.shape[0])
+def _(x, w, s, quant, group, g=None, eps=0.0, residual=None, gated=False, bias=None):
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 # Where the RMSNorm before a matmul, the residual add after it and the SwiGLU gating go into our matmul kernel
-# instead of kernels of their own (Inductor's):
-# - one token: inputs of K >= FUSE_MIN_K only. Measured on an H200 (BENCHMARKS.md): +2.7% tok/s on the Llama-2-7B shape
-#   (K = 4096, 11008); on SmolLM2 (K = 576, 1536) -1.3% once and +1.0% another time (within the noise), back when K =
-#   576 ran as nine chunks of 64.
-# - 2-64 tokens (EAGLE's tree steps and verification): not the norm with its weight or the gating. Both there would
-#   save three launches per layer but were measured slower twice: 10 us a call (third session), and on SmolLM2 (H200,
-#   MT-bench, sixth session) an EAGLE round of 1.857 ms against 1.171 ms without: work between a tile's load and tl.dot
-#   costs more than the kernels it saves. What stays is the epilogue-only FOLD_NORMS and SWIGLU below.
+# instead of kernels of their own (Inductor's): one token only, and inputs of K >= FUSE_MIN_K only. Measured on an H200
+# (BENCHMARKS.md): +2.7% tok/s on the Llama-2-7B shape (K = 4096, 11008); on SmolLM2 (K = 576, 1536) -1.3% once and
+# +1.0% another time (within the noise), back when K = 576 ran as nine chunks of 64. For 2-64 tokens (EAGLE's tree
+# steps and verification) every way tried was no faster: the norm and gating between a tile's load and tl.dot
+# (third and sixth sessions: an EAGLE round 1.857 ms against 1.171), the norm's weight folded into W with only its row
+# scale in the epilogue, and the gating in the gate/up matmul's epilogue (seventh session: 0.989 against 0.995 ms).
 FUSE_MIN_K = 2048
-# The SwiGLU gating silu(gate) * up in the epilogue of the gate/up matmul (swiglu_wmm, model.FeedForward) instead of a
-# kernel of its own (Inductor's, or in the down projection's loads under GATED): one launch fewer per layer for every
-# token count up to MAX_M, and no [.., 2I] intermediate. The matmul's loads and tl.dot are unchanged. Built in the
-# sixth session after its GPU time ran out: off until measured (bench.py --swiglu).
-SWIGLU = False
-# An RMSNorm whose weight model.fold_norm_weights has folded into the next matmul's weight goes into that matmul for
-# 2-64 tokens as one scale per row at the end (NORM 2: x reaches tl.dot as loaded, its sum of squares is taken on the
-# side), and the residual adds go into the epilogues of the matmuls before (else they would be kernels of their own).
-# With SWIGLU a layer is then 7 launches for 1-64 tokens instead of 10. Built in the sixth session after its GPU time
-# ran out: off until measured (bench.py --fold-norms folds the weights and turns it on).
-FOLD_NORMS = False
-
-
-def norm_mode(norm, m: int, k: int, quant: int, dtype: torch.dtype) -> int:
-    """Where the RMSNorm `norm` (a model.RMSNorm or None) in front of a matmul of m tokens and K = k inputs runs:
-    0 apart (or there is none), 1 inside the kernel (its weight multiplies x), 2 inside as a row scale (its weight is
-    folded into W)."""
-    if norm is None:
-        return 0
-    folded = getattr(norm, "folded", False)
-    inside = k >= FUSE_MIN_K if m == 1 else quant != INT4 and FOLD_NORMS and folded
-    if not inside or not folded and norm.weight.dtype != dtype:
-        return 0
-    return 2 if folded else 1
 
 
 def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None, n: int,
               gated: bool = False, bias: Tensor | None = None, max_m: int = MAX_M) -> Tensor | None:  # fmt: skip
-    """residual + W @ norm(x) + bias (or W @ (silu(gate) * up) for a gated x [..., 2K]) as one `wmm` for up to max_m
-    tokens on CUDA, or None where that does not apply (no fusion asked, CPU, dtypes that differ, the rules above) and
+    """residual + W @ norm(x) + bias (or W @ (silu(gate) * up) for a gated x [..., 2K]) as one `wmm` for one token on
+    CUDA, or None where that does not apply (no fusion asked, more tokens, CPU, dtypes that differ, the rule above) and
     the caller runs the steps apart. norm: a model.RMSNorm or None."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape[0], x2.shape[1] // (2 if gated else 1)
-    if norm is None and residual is None and not gated or m > max_m:
+    if norm is None and residual is None and not gated or m != 1 or m > max_m or k < FUSE_MIN_K:
         return None
     if not available(x2) or (w.dtype != x2.dtype and quant == NONE):
         return None
-    mode = norm_mode(norm, m, k, quant, x2.dtype)
-    one = m == 1 and k >= FUSE_MIN_K
-    if norm is not None and mode == 0 or gated and not one:
-        return None
-    if residual is not None and not (one or m > 1 and FOLD_NORMS):
-        return None
-    if any(t is not None and t.dtype != x2.dtype for t in (residual, bias)):
+    g = None if norm is None else norm.weight
+    if any(t is not None and t.dtype != x2.dtype for t in (g, residual, bias)):
         return None
     r = None if residual is None else residual.reshape(m, n).contiguous()
-    g, eps = (norm.weight if mode == 1 else None), (norm.eps if norm is not None else 0.0)
-    y = wmm(x2.contiguous(), w, s, quant, group, g, eps, r, gated, bias, unit_norm=mode == 2)
+    y = wmm(x2.contiguous(), w, s, quant, group, g, norm.eps if norm is not None else 0.0, r, gated, bias)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -866,24 +768,6 @@ def int4_layout(scales_and_zeros: Tensor, dtype: torch.dtype = torch.bfloat16) -
     return scales_and_zeros.transpose(0, 1).to(dtype).contiguous()
 
 
-def swiglu_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm,
-               max_m: int = MAX_M) -> Tensor | None:  # fmt: skip
-    """silu(gate(norm(x))) * up(norm(x)) [..., I] for W = [gate; up] ([2I, K]) as one `wmm` whose epilogue does the
-    gating, or None where that does not apply (SWIGLU off, more than max_m tokens, CPU, dtypes that differ) and the
-    caller runs the steps apart. The norm (a model.RMSNorm or None) goes into the kernel by the rules above, else it
-    runs first."""
-    x2 = x.reshape(-1, x.shape[-1])
-    m, k = x2.shape
-    if not SWIGLU or m > max_m or not available(x2) or (w.dtype != x2.dtype and quant == NONE):
-        return None
-    mode = norm_mode(norm, m, k, quant, x2.dtype)
-    if norm is not None and mode == 0:
-        x2 = norm(x2)
-    g, eps = (norm.weight if mode == 1 else None), (norm.eps if mode else 0.0)
-    y = wmm(x2.contiguous(), w, s, quant, group, g, eps, swiglu=True, unit_norm=mode == 2)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 def few_token_linear(x: Tensor, w: Tensor, bias: Tensor | None = None, max_m: int = 1) -> Tensor:
     """F.linear(x, w, bias), through `wmm` where x has at most max_m rows of 16-bit floats on CUDA (w of x's dtype)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -911,10 +795,6 @@ class FewTokenLinear(torch.nn.Module):
         """residual + self(norm(x)) (or of silu(gate) * up) in one kernel on CUDA, else None (see model.linear)."""
         return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features, gated, self.bias,
                          self.max_m)  # fmt: skip
-
-    def swiglu(self, x: Tensor, norm) -> Tensor | None:
-        """silu(gate) * up of self(norm(x)) = [gate | up] in one kernel on CUDA, else None (see swiglu_wmm)."""
-        return None if self.bias is not None else swiglu_wmm(x, self.weight, None, NONE, 0, norm, self.max_m)
 
 
 def use_triton_linears(model: torch.nn.Module, max_m: int = 1) -> int:

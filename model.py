@@ -247,10 +247,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
         """residual + feed_forward(norm(x)) (see `linear`)."""
-        swiglu = getattr(self.w13, "swiglu", None)  # kernels.SWIGLU: the gating in the w13 kernel's epilogue
-        h = swiglu(x, norm) if swiglu is not None and (norm is None or isinstance(norm, RMSNorm)) else None
-        if h is not None:  # [..., intermediate] = silu(gate) * up
-            return linear(self.w2, h, residual=residual)
         gate_up = linear(self.w13, x, norm)  # [..., 2 * intermediate]
         return linear(self.w2, gate_up, residual=residual, gated=True)  # residual + w2(silu(gate) * up)
 
@@ -268,29 +264,8 @@ class Block(nn.Module):
         return self.feed_forward(h, norm=self.ffn_norm, residual=h)  # h + ffn(norm(h))
 
 
-# In a Block, which RMSNorm feeds which linear (used by fold_norm_weights, and by quantize.py to weight int4 errors).
+# In a Block, which RMSNorm feeds which linear (quantize.py weights int4 errors by the norm's weight).
 NORM_BEFORE = {"attention.wqkv": "attention_norm", "feed_forward.w13": "ffn_norm"}
-
-
-def fold_norm_weights(model: nn.Module) -> int:
-    """Fold the weight g of every RMSNorm that feeds one dense linear (a Block's attention_norm -> wqkv and
-    ffn_norm -> w13) into that linear's columns, W <- W * g (rounded once, from float32), and set g to ones, marking
-    the norm `folded`: norm(x) @ W.T is unchanged up to that rounding, and a matmul kernel can then apply the norm as
-    one scale per row at the end (kernels.FOLD_NORMS). Quantized linears are left as they are. Returns how many."""
-    folded = 0
-    for block in (m for m in model.modules() if isinstance(m, Block)):
-        for lin_name, norm_name in NORM_BEFORE.items():
-            norm, w = getattr(block, norm_name), getattr(block.get_submodule(lin_name), "weight", None)
-            if not isinstance(norm, RMSNorm) or getattr(norm, "folded", False) or w is None:
-                continue
-            if not w.is_floating_point():
-                continue
-            with torch.no_grad():
-                w.copy_((w.float() * norm.weight.float()[None, :]).to(w.dtype))
-                norm.weight.fill_(1.0)
-            norm.folded = True
-            folded += 1
-    return folded
 
 
 class Transformer(nn.Module):

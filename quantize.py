@@ -256,13 +256,6 @@ class WeightOnlyInt8Linear(nn.Module):
             return None
         return kernels.fused_wmm(x, self.weight, self.scales, kernels.INT8, 0, norm, residual, self.out_features, gated)
 
-    def swiglu(self, x: Tensor, norm) -> Tensor | None:
-        """silu(gate) * up of self(norm(x)) = [gate | up] in one kernel (kernel "triton"), else None (see
-        kernels.swiglu_wmm)."""
-        if self.kernel != "triton" or self.bias is not None:
-            return None
-        return kernels.swiglu_wmm(x, self.weight, self.scales, kernels.INT8, 0, norm)
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -68,8 +68,6 @@ def apply_kernel_choice(*modules: torch.nn.Module):
     """--kernel for bf16 linears, as generate.py --kernels does (quantized ones follow quantize.RUNTIME)."""
     if not QUANT:
         print(f"--kernel {KERNEL}: {G.use_kernels(KERNEL, *modules)} linears on kernels.py", flush=True)
-    if kernels.FOLD_NORMS:
-        print(f"--fold-norms: {sum(M.fold_norm_weights(m) for m in modules)} norms folded", flush=True)
     if not FUSED:
         for mod in (m for module in modules for m in module.modules() if hasattr(m, "fused")):
             mod.fused = lambda *args: None  # model.linear then runs norm, matmul and add apart
@@ -432,19 +430,6 @@ def main() -> None:
         help=f"one-token steps fuse norm / residual / gating into the matmul for inputs of >= this many features "
         f"(default kernels.FUSE_MIN_K = {kernels.FUSE_MIN_K}; 0 = always)",
     )
-    switch(
-        p,
-        "--fold-norms",
-        kernels.FOLD_NORMS,
-        "fold RMSNorm weights into the next matmul (model.fold_norm_weights) and apply the norm there as a row scale "
-        "for 2-64 tokens, with the residual adds in the matmuls before (kernels.FOLD_NORMS; off until measured)",
-    )
-    switch(
-        p,
-        "--swiglu",
-        kernels.SWIGLU,
-        "SwiGLU gating in the epilogue of the gate/up matmul (kernels.SWIGLU; off by default until measured)",
-    )
     p.add_argument(
         "--draft-vocab",
         type=int,
@@ -491,8 +476,6 @@ def main() -> None:
     G.set_kernels(a.kernel)
     kernels.TRITON_TOPK = a.triton_topk
     kernels.FEW_ATTENTION = a.triton_attention
-    kernels.SWIGLU = a.swiglu
-    kernels.FOLD_NORMS = a.fold_norms
     pinned = kernels.pin_configs(json.loads(Path(a.configs_in).read_text())["tuned_configs"]) if a.configs_in else 0
     pdl = kernels.set_pdl(a.pdl and a.kernel != "torch")
     if a.fuse_min_k is not None:
@@ -509,8 +492,6 @@ def main() -> None:
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
-        "swiglu": kernels.SWIGLU,
-        "fold_norms": kernels.FOLD_NORMS,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:

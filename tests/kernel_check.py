@@ -43,7 +43,7 @@ def assert_rejected(calls, what: str) -> None:
 
 
 def tiny_model(seed: int) -> M.Transformer:
-    """The tiny preset with random weights and RMSNorm weights away from 1 (so that folding or fusing them shows)."""
+    """The tiny preset with random weights and RMSNorm weights away from 1 (so that fusing them shows)."""
     torch.manual_seed(seed)
     model = M.Transformer(M.ModelArgs.from_name("tiny")).eval()
     for mod in model.modules():
@@ -215,21 +215,19 @@ def check_fused():
                         gate_up = torch.randn(m, 2 * k)
                         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
                         gated = F.silu(gate_up[:, :k]) * gate_up[:, k:]
-                        unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)  # g folded into W elsewhere
-                        for xx, gg, rr, gt, bb, un, ref in (
-                            (x, g, None, False, None, False, normed @ ref_w.T),
-                            (x, None, r, False, None, False, x @ ref_w.T + r),
-                            (x, g, r, False, b, False, normed @ ref_w.T + r + b),
-                            (gate_up, None, None, True, None, False, gated @ ref_w.T),
-                            (gate_up, None, r, True, None, False, gated @ ref_w.T + r),
-                            (x, None, None, False, b, False, x @ ref_w.T + b),
-                            (x, None, r, False, None, True, unit @ ref_w.T + r),
+                        for xx, gg, rr, gt, bb, ref in (
+                            (x, g, None, False, None, normed @ ref_w.T),
+                            (x, None, r, False, None, x @ ref_w.T + r),
+                            (x, g, r, False, b, normed @ ref_w.T + r + b),
+                            (gate_up, None, None, True, None, gated @ ref_w.T),
+                            (gate_up, None, r, True, None, gated @ ref_w.T + r),
+                            (x, None, None, False, b, x @ ref_w.T + b),
                         ):
-                            if m > 1 and (gg is not None or gt or un and quant == K.INT4):
-                                continue  # the norm with its weight and the gating: one token only
-                            y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, rr, gt, bb, unit_norm=un)
+                            if m > 1 and (gg is not None or gt):
+                                continue  # the norm and the gating: one token only
+                            y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, rr, gt, bb)
                             err = rel_err(y, ref)
-                            assert err < 1e-5, (cfg, quant, k, m, gg is None, rr is None, gt, bb is None, un, err)
+                            assert err < 1e-5, (cfg, quant, k, m, gg is None, rr is None, gt, bb is None, err)
         finally:
             kern.configs, kern.cache = configs, {}
     w4, s4, _ = weights(K.INT4, 8, 64, 32)
@@ -238,7 +236,6 @@ def check_fused():
             lambda: K.wmm(torch.randn(2, 64), w4, s4, K.INT4, 32, torch.ones(64), 1e-5, None),  # one token only
             lambda: K.wmm(torch.randn(2, 64), torch.randn(8, 64), None, K.NONE, 0, torch.ones(64), 1e-5),
             lambda: K.wmm(torch.randn(2, 128), torch.randn(8, 64), None, K.NONE, 0, gated=True),
-            lambda: K.wmm(torch.randn(2, 64), w4, s4, K.INT4, 32, None, 1e-5, unit_norm=True),
             lambda: K.wmm(torch.randn(2, 64), torch.randn(8, 64), None, K.NONE, 0, bias=torch.ones(7)),
             lambda: K.wmm(torch.randn(1, 128), torch.randn(8, 64), None, K.NONE, 0, torch.ones(64), 1e-5, None, True),
             lambda: K.wmm(torch.randn(1, 63), torch.randn(8, 32), None, K.NONE, 0, None, 0.0, None, True),
@@ -297,104 +294,6 @@ def check_fused():
     finally:
         K.available, K.FUSE_MIN_K = real, min_k
     print("fused ok")
-
-
-def check_swiglu():
-    """The SwiGLU epilogue: wmm(swiglu=True) with W = [gate; up] gives silu(x @ gate.T) * (x @ up.T), every config as
-    pruned for the shape, every weight format, with and without the fused norm; the int8 module and FewTokenLinear
-    through it; and a whole tiny model's logits with kernels.SWIGLU on equal those with it off."""
-    torch.manual_seed(12)
-    for kern, ms in ((K._gemv_kernel, [1]), (K._gemm_kernel, [2, 26])):
-        configs = kern.configs
-        try:
-            for cfg in configs:
-                bk = cfg.kwargs["BLOCK_K"]
-                for quant, k in ((K.NONE, bk + 48), (K.INT8, 2 * bk), (K.INT4, 2 * bk)):
-                    n = 40 if cfg.kwargs["BLOCK_N"] <= 64 else 100  # 2n rows: gate rows 0..n-1, up rows n..2n-1
-                    gs = 64 if bk >= 64 else 32
-                    pruned = K._prune([cfg], {"K": k, "N": n}, QUANT=quant, GROUP=gs if quant == K.INT4 else 0)
-                    kern.configs, kern.cache = pruned, {}
-                    w, s, ref_w = weights(quant, 2 * n, k, gs)
-                    for m in ms:
-                        x, g = torch.randn(m, k) * 3, torch.rand(k) + 0.5
-                        unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
-                        for gg, un, xin in ((None, False, x), (g, False, unit * g), (None, True, unit)):
-                            if m > 1 and (gg is not None or un and quant == K.INT4):
-                                continue  # the norm with its weight: one token only; int4 folded norm too
-                            h = xin @ ref_w.T
-                            ref = F.silu(h[:, :n]) * h[:, n:]
-                            y = K.wmm(x, w, s, quant, gs, gg, 1e-5, swiglu=True, unit_norm=un)
-                            assert y.shape == (m, n) and rel_err(y, ref) < 1e-5, (cfg, quant, k, m, gg is None, un)
-        finally:
-            kern.configs, kern.cache = configs, {}
-    assert_rejected(
-        [
-            lambda: K.wmm(torch.randn(1, 64), torch.randn(7, 64), None, K.NONE, 0, swiglu=True),  # odd rows
-            lambda: K.wmm(torch.randn(1, 64), torch.randn(8, 64), None, K.NONE, 0, bias=torch.ones(8), swiglu=True),
-        ],
-        "swiglu arguments",
-    )
-
-    dim, inter = 64, 96
-    norm = M.RMSNorm(dim, 1e-5)
-    norm.weight.data = torch.rand(dim) + 0.5
-    i8 = Q.WeightOnlyInt8Linear(dim, 2 * inter)
-    i8.weight, i8.scales = Q.quantize_int8(torch.randn(2 * inter, dim) * 0.05)
-    i8.prepare(torch.float32, "triton")
-    few = K.FewTokenLinear(torch.nn.Linear(dim, 2 * inter, bias=False), max_m=K.MAX_M)
-    real, flag = K.available, K.SWIGLU
-    try:
-        K.available = lambda t: True
-        for mod in (i8, few):
-            x = torch.randn(1, 26, dim)
-            h = mod(norm(x))
-            ref = F.silu(h[..., :inter]) * h[..., inter:]
-            K.SWIGLU = False
-            assert mod.swiglu(x, norm) is None
-            K.SWIGLU = True
-            assert rel_err(mod.swiglu(x, norm), ref) < 1e-5 and mod.swiglu(torch.randn(1, 65, dim), norm) is None
-        torch.manual_seed(13)
-        args = M.ModelArgs.from_name("tiny")
-        model = M.Transformer(args).eval()
-        K.use_triton_linears(model, K.MAX_M)
-        tokens = torch.randint(0, args.vocab_size, (1, 40))
-        outs = []
-        for K.SWIGLU in (False, True):
-            outs.append(three_forwards(model, tokens))
-        assert_all_close(*outs)
-    finally:
-        K.available, K.SWIGLU = real, flag
-    print("swiglu ok")
-
-
-def check_fold_norms():
-    """model.fold_norm_weights leaves a model's logits as they were (CPU path), and with kernels.FOLD_NORMS and
-    SWIGLU (norms as row scales, residual adds and gating in epilogues: 7 launches a layer) they stay so for a
-    prefill, one token and 26 tokens; the norm modes the rules give."""
-    model = tiny_model(14)
-    args = model.args
-    tokens = torch.randint(0, args.vocab_size, (1, 40))
-    ref = three_forwards(model, tokens)
-    assert M.fold_norm_weights(model) == 2 * args.n_layers and M.fold_norm_weights(model) == 0
-    assert model.layers[0].ffn_norm.folded and torch.equal(model.layers[0].ffn_norm.weight, torch.ones(args.dim))
-    assert_all_close(ref, three_forwards(model, tokens))
-    K.use_triton_linears(model, K.MAX_M)
-    real, flags = K.available, (K.SWIGLU, K.FOLD_NORMS)
-    try:
-        K.available, K.SWIGLU, K.FOLD_NORMS = (lambda t: True), True, True
-        norm = model.layers[0].ffn_norm
-        assert (
-            K.norm_mode(norm, 26, 64, K.NONE, torch.float32) == 2
-            and K.norm_mode(norm, 1, 64, K.NONE, torch.float32) == 0
-        )
-        assert (
-            K.norm_mode(norm, 26, 64, K.INT4, torch.float32) == 0
-            and K.norm_mode(model.norm, 26, 64, K.NONE, torch.float32) == 0
-        )
-        assert_all_close(ref, three_forwards(model, tokens))
-    finally:
-        K.available, (K.SWIGLU, K.FOLD_NORMS) = real, flags
-    print("fold_norms ok")
 
 
 def check_copy_rows():
@@ -528,8 +427,6 @@ if __name__ == "__main__":
     check_modules()
     check_compile()
     check_fused()
-    check_swiglu()
-    check_fold_norms()
     check_copy_rows()
     check_rope_cache()
     check_chunk_topk()
