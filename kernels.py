@@ -104,7 +104,7 @@ if triton is not None:
             (16, 512, 8, 2, 0), (16, 256, 4, 5, 0), (16, 512, 4, 4, 0), (32, 256, 8, 4, 0), (32, 512, 8, 3, 0),
             (16, 1024, 4, 1, 0), (16, 1024, 8, 1, 0), (32, 1024, 8, 1, 0), (16, 512, 4, 2, 0),  # small K: few chunks
             (32, 256, 4, 3, 1), (64, 128, 4, 3, 1), (64, 256, 4, 3, 1), (64, 256, 8, 3, 1), (128, 128, 4, 3, 1),
-            (128, 256, 8, 2, 1), (64, 512, 8, 2, 1),  # int8 / int4: the converted weight as tl.dot's first operand
+            (128, 256, 8, 2, 1), (64, 512, 8, 1, 1),  # the weight tile as tl.dot's first operand (see _dot)
         ]
     ]  # fmt: skip
 
@@ -384,6 +384,8 @@ def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, gated
             raise ValueError(f"gated: x must be [M, 2K], got {tuple(x.shape)}")
         k //= 2
     if quant == INT4:
+        if group < 32 or group & (group - 1):  # the kernels read whole groups of 4+ words (32+ weights)
+            raise ValueError(f"int4: group {group} must be a power of two >= 32")
         if w.dtype != torch.uint8 or w.shape != (n, k // 2) or k % group or s.shape != (n, k // group, 2):
             raise ValueError(f"int4: x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype}, group {group}")
     elif quant == INT8:

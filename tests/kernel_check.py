@@ -140,6 +140,7 @@ def check_errors():
             lambda: K.wmm(x[:2], torch.randn(8, 32), None, K.NONE, 0),  # K mismatch
             lambda: K.wmm(x[:2], torch.zeros(8, 64, dtype=torch.int8), torch.ones(7), K.INT8, 0),
             lambda: K.wmm(x[:2], torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2, 2), K.INT4, 64),
+            lambda: K.wmm(x[:1, :48], torch.zeros(8, 24, dtype=torch.uint8), torch.ones(8, 3, 2), K.INT4, 16),
         ],
         "shapes",
     )

@@ -189,7 +189,7 @@ def test_bench_main_runs_under_inference_mode(monkeypatch):
     """bench.py builds models and caches inside main: outside inference mode, its in-place cache writes failed on the
     GPU ("Inplace update to inference tensor outside InferenceMode"), after a refactor moved main's decorator onto the
     helper above it (sixth session)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import bench  # noqa: PLC0415
 
     seen = []
