@@ -38,6 +38,7 @@ The tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERP
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -827,15 +828,24 @@ def tuned_configs() -> list[dict]:
 def pin_configs(entries: list[dict]) -> int:
     """Put picks saved by `tuned_configs` into the autotuners' caches: those keys are not tuned again in this process,
     so the same shapes run with the same block shapes in every run (the autotuner times each config alone, and its
-    pick can change from run to run, and speed and bf16 rounding with it: BENCHMARKS.md, fifth session). Returns how
-    many were pinned."""
+    pick can change from run to run, and speed and bf16 rounding with it: BENCHMARKS.md, fifth session). Entries saved
+    by code with other autotuning keys or block-shape parameters are skipped with a warning. Returns how many were
+    pinned."""
     if triton is None:
         return 0
+    pinned = 0
     for e in entries:
-        kwargs = {"SWAP": 0, **e["kwargs"]} if e["kernel"] == "_gemm_kernel" else e["kwargs"]  # older files: no SWAP
-        cfg = triton.Config(dict(kwargs), num_warps=e["num_warps"], num_stages=e["num_stages"])
-        globals()[e["kernel"]].cache[tuple(e["key"])] = cfg
-    return len(entries)
+        kern = globals()[e["kernel"]]
+        key_len = len(kern.keys) + sum(a.endswith("_ptr") for a in kern.fn.fn.arg_names)  # key args, then dtypes
+        if len(e["key"]) != key_len or set(e["kwargs"]) != set(kern.configs[0].kwargs):
+            continue
+        cfg = triton.Config(dict(e["kwargs"]), num_warps=e["num_warps"], num_stages=e["num_stages"])
+        kern.cache[tuple(e["key"])] = cfg
+        pinned += 1
+    if pinned < len(entries):
+        skipped = f"{len(entries) - pinned} of {len(entries)}"
+        warnings.warn(f"pin_configs: {skipped} entries come from other kernel versions", stacklevel=2)
+    return pinned
 
 
 def set_pdl(on: bool) -> bool:

@@ -111,10 +111,16 @@ def check_pinned_configs():
     other = next(c for c in K._gemv_kernel.configs if c.kwargs["BLOCK_N"] != saved[0]["kwargs"]["BLOCK_N"])
     saved[0].update(kwargs={**other.kwargs, "BLOCK_K": 256}, num_warps=other.num_warps, num_stages=other.num_stages)
     K._gemv_kernel.cache = {}
-    assert K.pin_configs(saved) == 1
+    old_version = {**saved[0], "key": saved[0]["key"] + [False]}  # one key argument more, as before the seventh session
+    old_gemm = {**saved[0], "kernel": "_gemm_kernel", "kwargs": {"BLOCK_N": 16, "BLOCK_K": 256}}  # no SWAP
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert K.pin_configs([saved[0], old_version, old_gemm]) == 1 and "2 of 3" in str(caught[0].message)
     y = K.wmm(x, w, s, K.NONE, 64)
     (cfg,) = K._gemv_kernel.cache.values()
-    assert cfg.kwargs == saved[0]["kwargs"] and rel_err(y, x @ ref_w.T) < 1e-5
+    assert cfg.kwargs == saved[0]["kwargs"] and rel_err(y, x @ ref_w.T) < 1e-5 and not K._gemm_kernel.cache
     K._gemv_kernel.cache = {}
     print("pin ok")
 
