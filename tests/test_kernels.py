@@ -28,3 +28,13 @@ def test_kernels_in_the_triton_interpreter():
     )
     for part in (*parts, "few_attention", "pin"):
         assert f"{part} ok" in r.stdout
+
+
+def test_kernel_sass_counts_instructions_without_a_gpu():
+    """scripts/kernel_sass.py compiles a matmul for sm_90 on the CPU and counts its inner loop's instructions a weight
+    (seventh session: how the int8/int4 conversions were made cheaper before spending device time)."""
+    script = Path(__file__).parent.parent / "scripts" / "kernel_sass.py"
+    r = subprocess.run([sys.executable, str(script), "--quant", "int8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and " a weight" in r.stdout and "FFMA" in r.stdout, r.stdout + r.stderr
+    bad = subprocess.run([sys.executable, str(script), "--block-k", "40"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr

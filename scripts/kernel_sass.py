@@ -1,0 +1,120 @@
+"""Count the GPU instructions per weight in the inner loop of kernels.py's matmuls, with no GPU: Triton compiles the
+kernel for a given architecture (sm_90 by default) on the CPU, and its bundled nvdisasm lists the machine code (SASS).
+
+    python scripts/kernel_sass.py --quant int8 --block-n 16 --block-k 512 --warps 4 --stages 2
+    python scripts/kernel_sass.py --quant int4 --tokens 26 --block-n 64 --block-k 256 --swap
+
+Batch-1 matmuls should be bound by memory bandwidth; when the int8/int4 conversion costs too many instructions a
+weight, they are bound by instructions issued instead (seventh session: int4 at ~9 instructions a weight ran at a third
+of the copy bandwidth, bf16 at 3.5 near all of it). This shows that count before any device time is spent. It reads
+Triton internals (ASTSource, GPUTarget), so a Triton upgrade may need it adjusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kernels as K  # noqa: E402
+
+QUANTS = {"bf16": K.NONE, "int8": K.INT8, "int4": K.INT4}
+
+
+def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: int, stages: int, block_m: int,
+                   swap: bool, group: int, arch: int):  # fmt: skip
+    """The one-token (_gemv_kernel) or few-token (_gemm_kernel) kernel compiled for sm_<arch>, bf16 activations, no
+    fusions."""
+    import triton  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    q = QUANTS[quant]
+    kern = K._gemv_kernel if tokens == 1 else K._gemm_kernel
+    fn = kern.fn.fn  # Autotuner -> Heuristics -> JITFunction
+    w_type = {K.NONE: "*bf16", K.INT8: "*i8", K.INT4: "*i32" if tokens == 1 else "*u8"}[q]
+    values = dict(QUANT=q, GROUP=group if q == K.INT4 else 0, NORM=False, RESIDUAL=False, GATED=False, BIAS=False,
+                  PDL=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWAP=int(swap),
+                  EVEN_K=True)  # fmt: skip
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            signature[p.name], constexprs[(i,)] = "constexpr", values[p.name]
+        elif p.name.endswith("_ptr"):
+            signature[p.name] = w_type if p.name == "w_ptr" else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[p.name] = "fp32" if p.name == "eps" else "i32"
+            if p.name in ("N", "K"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def inner_loop(compiled) -> list[str]:
+    """The instructions of the longest backward branch's body (the walk over K)."""
+    import triton  # noqa: PLC0415
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    code, labels, pending = [], {}, None
+    for line in sass.splitlines():
+        if m := re.match(r"\s*\.L_x_(\d+):", line):
+            pending = m.group(1)
+        elif m := re.search(r"/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;", line):
+            addr = int(m.group(1), 16)
+            code.append((addr, m.group(2)))
+            if pending is not None:
+                labels[pending], pending = addr, None
+    best: list[str] = []
+    for addr, ins in code:
+        m = re.search(r"BRA.*\.L_x_(\d+)", ins)
+        if m and labels.get(m.group(1), addr + 1) < addr:
+            body = [i for a, i in code if labels[m.group(1)] <= a <= addr]
+            best = body if len(body) > len(best) else best
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quant", choices=list(QUANTS), default="int8")
+    p.add_argument("--tokens", type=int, default=1, help="1: the one-token kernel; more: the few-token one")
+    p.add_argument("--block-n", type=int, default=16)
+    p.add_argument("--block-k", type=int, default=512)
+    p.add_argument("--block-m", type=int, default=0, help="few-token kernel: rows of x a program (default: fitted)")
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--swap", action="store_true", help="few-token kernel: the weight tile as tl.dot's first operand")
+    p.add_argument("--group", type=int, default=64, help="int4 group size")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    a = p.parse_args()
+    if K.triton is None:
+        sys.exit("error: kernel_sass.py needs triton")
+    block_m = a.block_m or (16 if a.tokens <= 16 else 32 if a.tokens <= 32 else 64)
+    try:
+        compiled = compile_matmul(a.quant, a.tokens, a.block_n, a.block_k, a.warps, a.stages, block_m, a.swap,
+                                  a.group, a.arch)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a config that does not compile is an answer, not a crash
+        sys.exit(f"error: does not compile: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
+    body = inner_loop(compiled)
+    if not body:
+        sys.exit("error: no loop found (one chunk covers K?): try a smaller --block-k")
+    per_thread = a.block_n * a.block_k / (32 * a.warps)  # weights a thread handles per pass of the loop
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split(" ")[0].split(".")[0] for i in body)
+    print(f"{a.quant}, {a.tokens} token(s), BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.warps} warps, {a.stages} "
+          f"stages{', swapped' if a.swap else ''}: {len(body)} instructions a pass for {per_thread:g} weights a thread "
+          f"= {len(body) / per_thread:.2f} a weight")  # fmt: skip
+    print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()
