@@ -19,7 +19,8 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs. Some block shapes swap the
   operands (`_dot`): the weight tile is tl.dot's first operand and the tokens its N.
 - Elsewhere integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for
-  0 <= i < 2^23, so one integer add and one float subtract replace a conversion instruction (1/8 rate on Hopper).
+  0 <= i < 2^23, so an integer add (for int8 a byte permute, `_int8_float`) and a float subtract replace a conversion
+  instruction (1/8 rate on Hopper). `scripts/kernel_sass.py` counts what each costs a weight.
 
 Both kernels are autotuned per (N, K, quant[, BLOCK_M]) over a few block shapes on first use, and wrapped as the
 custom op `llmgen::wmm`, so torch.compile treats a call as one opaque kernel and CUDA graphs capture it. Both add a
