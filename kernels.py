@@ -12,9 +12,10 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   w * x elementwise in float32 registers and reducing once at the end (no tensor cores: nothing to multiply). The
   chunks are dependent steps, so for small K few and wide ones win: bf16 and int8 mask a last, partial chunk (K = 576
   in one chunk of 1024 rather than nine of 64; int4 keeps whole groups, so its BLOCK_K divides K).
-  Here the int8 and int4 kernels are bound by instructions issued, not bytes (int4: ~9 per weight byte by byte): int4
-  is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by a shift and an and-or into a float's mantissa
-  (`_mant`), and the group's scale and zero are applied once per word, not once per weight.
+  Here the int8 and int4 kernels are bound by instructions issued, not bytes (`scripts/kernel_sass.py`: about 4 and
+  9 a weight, bf16 3.5). int4 is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by a shift and an
+  and-or into a float's mantissa (`_mant`), and the group's scale and zero are applied once per word (faster than
+  byte by byte, though x, loaded one element at a time, keeps the count near 9).
 - M > 1 (`_gemm_kernel`): the same walk, but the converted chunk goes through tl.dot against a BLOCK_M-row tile of x
   (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs. Some block shapes swap the
   operands (`_dot`): the weight tile is tl.dot's first operand and the tokens its N.
@@ -147,6 +148,14 @@ if triton is not None:
         return f
 
     @triton.jit
+    def _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, NG: tl.constexpr):
+        """The (scale, zero) of rows rn for the NG groups from column k0 on, as float32 [rows, NG, 1] each."""
+        sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + tl.arange(0, NG))[None, :])
+        s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+        return s, z
+
+    @triton.jit
     def _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
         """The int4 weights of rows rn, columns k0 .. k0+BLOCK_K, as float32 (even, odd) [rows, NG groups, HG bytes]:
         each byte holds an even (high nibble) and an odd (low nibble) element, and each (row, group) one
@@ -156,9 +165,7 @@ if triton is not None:
         rg, rj = tl.arange(0, NG), tl.arange(0, HG)
         bp = w_ptr + rn[:, None, None] * (K // 2) + (k0 // 2 + rg[:, None] * HG + rj[None, :])[None, :, :]
         b = tl.load(bp, mask=n_ok[:, None, None], other=0).to(tl.int32)
-        sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + rg)[None, :])
-        s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-        z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+        s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG)
         return _as_float(b >> 4, 0, 8) * s + z, _as_float(b & 15, 0, 8) * s + z
 
     @triton.jit
@@ -187,14 +194,21 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _rows_load(ptr, rows, row_ok, kk, K, EVEN_K: tl.constexpr):
+        """Rows `rows`, columns kk of a row-major [*, K] matrix as stored: 0 in rows not row_ok and, unless EVEN_K,
+        past K."""
+        p = ptr + rows[:, None] * K + kk[None, :]
+        if EVEN_K:
+            v = tl.load(p, mask=row_ok[:, None], other=0)
+        else:
+            v = tl.load(p, mask=row_ok[:, None] & (kk < K)[None, :], other=0)
+        return v
+
+    @triton.jit
     def _w_tile(w_ptr, rows, row_ok, kk, K, QUANT: tl.constexpr, EVEN_K: tl.constexpr):
         """Rows `rows`, columns kk of a bf16/fp16 (quant 0) or int8 (quant 1, unscaled) weight [N, K] as float32;
         0 past K unless EVEN_K."""
-        wp = w_ptr + rows[:, None] * K + kk[None, :]
-        if EVEN_K:
-            w = tl.load(wp, mask=row_ok[:, None], other=0)
-        else:
-            w = tl.load(wp, mask=row_ok[:, None] & (kk < K)[None, :], other=0)
+        w = _rows_load(w_ptr, rows, row_ok, kk, K, EVEN_K)
         if QUANT == 1:
             w = _int8_float(w) - 8388736.0  # (masked entries: 0 -> 0 here)
         else:
@@ -216,14 +230,6 @@ if triton is not None:
     def _int4_words(w_ptr, rows, row_ok, kw, KW):
         """Words kw [NG groups, WG words] of rows `rows` of an int4 weight read as int32 [N, KW]: [rows, NG, WG]."""
         return tl.load(w_ptr + rows[:, None, None] * KW + kw[None, :, :], mask=row_ok[:, None, None], other=0)
-
-    @triton.jit
-    def _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, NG: tl.constexpr):
-        """The (scale, zero) of rows rn for the NG groups from column k0 on, as float32 [rows, NG, 1] each."""
-        sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + tl.arange(0, NG))[None, :])
-        s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-        z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-        return s, z
 
     @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED"], **_TUNE)
     @triton.heuristics(_EVEN_K)
@@ -350,17 +356,10 @@ if triton is not None:
                 acc = _dot(xo, tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
         else:
             rk = tl.arange(0, BLOCK_K)
-            row = rm[:, None] * K
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
-                wp = w_ptr + rn[:, None] * K + kk[None, :]
-                xp = x_ptr + row + kk[None, :]
-                if EVEN_K:
-                    w = tl.load(wp, mask=n_ok[:, None], other=0)
-                    x = tl.load(xp, mask=m_ok[:, None], other=0.0)
-                else:
-                    w = tl.load(wp, mask=n_ok[:, None] & (kk < K)[None, :], other=0)
-                    x = tl.load(xp, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+                w = _rows_load(w_ptr, rn, n_ok, kk, K, EVEN_K)  # as stored: tl.dot takes bf16 / fp16 directly
+                x = _rows_load(x_ptr, rm, m_ok, kk, K, EVEN_K)
                 if QUANT == 1:
                     w = _int8_float(w) - 8388736.0
                 acc = _dot(x, w.to(dt), acc, SWAP)
@@ -449,13 +448,13 @@ FUSE_MIN_K = 2048
 
 
 def fused_wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, norm, residual: Tensor | None, n: int,
-              gated: bool = False, bias: Tensor | None = None, max_m: int = MAX_M) -> Tensor | None:  # fmt: skip
+              gated: bool = False, bias: Tensor | None = None) -> Tensor | None:  # fmt: skip
     """residual + W @ norm(x) + bias (or W @ (silu(gate) * up) for a gated x [..., 2K]) as one `wmm` for one token on
     CUDA, or None where that does not apply (no fusion asked, more tokens, CPU, dtypes that differ, the rule above) and
     the caller runs the steps apart. norm: a model.RMSNorm or None."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape[0], x2.shape[1] // (2 if gated else 1)
-    if norm is None and residual is None and not gated or m != 1 or m > max_m or k < FUSE_MIN_K:
+    if norm is None and residual is None and not gated or m != 1 or k < FUSE_MIN_K:
         return None
     if not available(x2) or (w.dtype != x2.dtype and quant == NONE):
         return None
@@ -797,8 +796,7 @@ class FewTokenLinear(torch.nn.Module):
 
     def fused(self, x: Tensor, norm, residual: Tensor | None, gated: bool = False) -> Tensor | None:
         """residual + self(norm(x)) (or of silu(gate) * up) in one kernel on CUDA, else None (see model.linear)."""
-        return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features, gated, self.bias,
-                         self.max_m)  # fmt: skip
+        return fused_wmm(x, self.weight, None, NONE, 0, norm, residual, self.out_features, gated, self.bias)
 
 
 def use_triton_linears(model: torch.nn.Module, max_m: int = 1) -> int:
