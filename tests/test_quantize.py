@@ -13,6 +13,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import kernels  # noqa: E402
 import model as M  # noqa: E402
 import quantize as Q  # noqa: E402
 
@@ -249,6 +250,26 @@ def test_int4_linear_cuda_tinygemm(groupsize, in_features):
         for dtype in (torch.bfloat16, torch.float32):
             y = mod(x.to("cuda", dtype))
             assert y.dtype == dtype and rel_err(y.float().cpu(), ref) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant", [kernels.INT8, kernels.INT4])
+def test_triton_matmuls_cuda(quant):
+    """kernels.wmm compiled for the GPU (the CPU tests run Triton's interpreter, which takes other code paths: the int8
+    byte permute is inline PTX) against the dequantized reference, one token and a tree's 26."""
+    torch.manual_seed(8)
+    w = torch.randn(384, 576) / 24
+    if quant == kernels.INT8:
+        q, s = Q.quantize_int8(w)
+        args, ref_w = (q.cuda(), s.to("cuda", torch.bfloat16), quant, 0), Q.dequantize_int8(q, s)
+    else:
+        q, sz = Q.quantize_int4(w, 64)
+        packed = Q.pack_int4(q)
+        args, ref_w = (packed.cuda(), kernels.int4_layout(sz).cuda(), quant, 64), Q.dequantize_int4(packed, sz, 64)
+    for m in (1, 26):
+        x = torch.randn(m, 576)
+        y = kernels.wmm(x.to("cuda", torch.bfloat16), *args)
+        assert rel_err(y.float().cpu(), x @ ref_w.T) < 2e-2
 
 
 @pytest.mark.parametrize(
