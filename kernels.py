@@ -12,13 +12,16 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   w * x elementwise in float32 registers and reducing once at the end (no tensor cores: nothing to multiply). The
   chunks are dependent steps, so for small K few and wide ones win: bf16 and int8 mask a last, partial chunk (K = 576
   in one chunk of 1024 rather than nine of 64; int4 keeps whole groups, so its BLOCK_K divides K).
-  Here the int8 and int4 kernels are bound by instructions issued, not bytes (`scripts/kernel_sass.py`: about 4 and
-  9 a weight, bf16 3.5). int4 is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by a shift and an
-  and-or into a float's mantissa (`_mant`), and the group's scale and zero are applied once per word (faster than
-  byte by byte, though x, loaded one element at a time, keeps the count near 9).
+  Here the int8 and int4 kernels are bound by instructions issued, not bytes (`scripts/kernel_sass.py` counts them:
+  bf16 3.4 a weight, int8 4.2, int4 6.8). int4 is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by
+  a shift and one and-or into a float's mantissa (`_mant`), the group's scale and zero are applied once per word, and
+  bf16 x is read four at a time as int64 (`_bf16_of`): 8.8 -> 6.8 instructions a weight, 1.0-1.7x faster on the 7B
+  shapes, on par with tinygemm except where N = 4096. (Block shapes that give a thread several rows, so that each x
+  converted serves them all, count 4.5, but the autotuner never picked them on the 7B shapes.)
 - M > 1 (`_gemm_kernel`): the same walk, but the converted chunk goes through tl.dot against a BLOCK_M-row tile of x
   (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs. Some block shapes swap the
-  operands (`_dot`): the weight tile is tl.dot's first operand and the tokens its N.
+  operands (`_dot`): the weight tile is tl.dot's first operand and the tokens its N. Some split K over several
+  programs per output block (`_split_sum`, for long rows of few outputs: see SPLIT_MAX_N).
 - Elsewhere integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for
   0 <= i < 2^23, so an integer add (for int8 a byte permute, `_int8_float`) and a float subtract replace a conversion
   instruction (1/8 rate on Hopper). `scripts/kernel_sass.py` counts what each costs a weight.
@@ -81,12 +84,14 @@ if triton is not None:
         takes one 1024-wide chunk, or two of 512, instead of nine of 64). BLOCK_N: at most N rounded up to 16."""
         k, n, group = named_args["K"], named_args["N"], kwargs.get("GROUP", 0)
         kmax = k & -k if kwargs.get("QUANT") == INT4 else triton.next_power_of_2(k)
+        split_ok = split_allowed(n, k)
         fitted = {}
         for c in configs:
-            bn, bk = c.kwargs["BLOCK_N"], min(max(c.kwargs["BLOCK_K"], group), kmax)
-            if bn <= max(16, triton.next_power_of_2(n)):
-                cfg = triton.Config({**c.kwargs, "BLOCK_K": bk}, num_warps=c.num_warps, num_stages=c.num_stages)
-                fitted.setdefault((bn, bk, c.kwargs.get("SWAP"), c.num_warps, c.num_stages), cfg)
+            bn, bk, split = c.kwargs["BLOCK_N"], min(max(c.kwargs["BLOCK_K"], group), kmax), c.kwargs.get("SPLIT", 1)
+            if bn > max(16, triton.next_power_of_2(n)) or split > 1 and not split_ok:
+                continue
+            cfg = triton.Config({**c.kwargs, "BLOCK_K": bk}, num_warps=c.num_warps, num_stages=c.num_stages)
+            fitted.setdefault((bn, bk, c.kwargs.get("SWAP"), split, c.num_warps, c.num_stages), cfg)
         return list(fitted.values())
 
     _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}  # no mask on K where BLOCK_K divides it
@@ -101,13 +106,17 @@ if triton is not None:
         ]
     ]  # fmt: skip
     _GEMM_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": sw}, num_warps=w, num_stages=s)
-        for bn, bk, w, s, sw in [
-            (16, 128, 4, 3, 0), (16, 256, 4, 3, 0), (32, 128, 4, 3, 0), (32, 256, 4, 3, 0), (64, 128, 4, 3, 0),
-            (16, 512, 8, 2, 0), (16, 256, 4, 5, 0), (16, 512, 4, 4, 0), (32, 256, 8, 4, 0), (32, 512, 8, 3, 0),
-            (16, 1024, 4, 1, 0), (16, 1024, 8, 1, 0), (32, 1024, 8, 1, 0), (16, 512, 4, 2, 0),  # small K: few chunks
-            (32, 256, 4, 3, 1), (64, 128, 4, 3, 1), (64, 256, 4, 3, 1), (64, 256, 8, 3, 1), (128, 128, 4, 3, 1),
-            (128, 256, 8, 2, 1), (64, 512, 8, 1, 1),  # the weight tile as tl.dot's first operand (see _dot)
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": sw, "SPLIT": sp}, num_warps=w, num_stages=s)
+        for bn, bk, w, s, sw, sp in [
+            (16, 128, 4, 3, 0, 1), (16, 256, 4, 3, 0, 1), (32, 128, 4, 3, 0, 1), (32, 256, 4, 3, 0, 1),
+            (64, 128, 4, 3, 0, 1), (16, 512, 8, 2, 0, 1), (16, 256, 4, 5, 0, 1), (16, 512, 4, 4, 0, 1),
+            (32, 256, 8, 4, 0, 1), (32, 512, 8, 3, 0, 1),
+            (16, 1024, 4, 1, 0, 1), (16, 1024, 8, 1, 0, 1), (32, 1024, 8, 1, 0, 1), (16, 512, 4, 2, 0, 1),  # small K
+            (32, 256, 4, 3, 1, 1), (64, 128, 4, 3, 1, 1), (64, 256, 4, 3, 1, 1), (64, 256, 8, 3, 1, 1),
+            (128, 128, 4, 3, 1, 1), (128, 256, 8, 2, 1, 1), (64, 512, 8, 1, 1, 1),  # swapped operands (see _dot)
+            # split over K (see _split_sum; for K >= SPLIT_MIN_K and N <= SPLIT_MAX_N only)
+            (32, 128, 4, 3, 0, 2), (32, 256, 4, 3, 0, 4), (64, 128, 4, 3, 1, 4), (64, 256, 8, 3, 1, 4),
+            (32, 256, 4, 3, 1, 8), (64, 256, 4, 3, 1, 2),
         ]
     ]  # fmt: skip
 
@@ -125,7 +134,18 @@ if triton is not None:
             w = w << SHIFT
         elif SHIFT < 0:
             w = w >> -SHIFT
-        return ((w & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+        if _NO_PTX:
+            f = ((w & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+        else:  # one lop3 (a & b | c) with the constant kept in a register; Triton's code takes two, one per immediate
+            f = tl.inline_asm_elementwise(
+                asm=f"lop3.b32 $0, $1, {MASK}, 0x3F800000, 0xEA;",
+                constraints="=r,r",
+                args=[w],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        return f
 
     @triton.jit
     def _int8_float(w):
@@ -169,6 +189,34 @@ if triton is not None:
         return _as_float(b >> 4, 0, 8) * s + z, _as_float(b & 15, 0, 8) * s + z
 
     @triton.jit
+    def _k_range(K, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        """The columns k0 .. k1 this program walks: all of K, or with a split its share (whole BLOCK_K chunks)."""
+        if SPLIT == 1:
+            k0, k1 = 0, K
+        else:
+            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+            k0 = tl.program_id(1) * per
+            k1 = tl.minimum(K, k0 + per)
+        return k0, k1
+
+    @triton.jit
+    def _split_sum(v, ws_ptr, cnt_ptr, offs, ok, stride):
+        """Split over K: programs (i, 0..S-1) each hold partial sums v of one output block. Each writes its part to
+        the workspace and counts itself done on the block's counter; the last one to finish reads all S parts back,
+        adds them in the order 0..S-1 (the same result on every run, whoever finishes last), resets the counter for
+        the next call and alone goes on to the epilogue. Returns (sum, whether this program is that last one)."""
+        i, s, S = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        tl.store(ws_ptr + s * stride + offs, v, mask=ok)
+        tl.debug_barrier()  # every thread's part is written before the count (release) makes it visible
+        last = tl.atomic_add(cnt_ptr + i, 1, sem="acq_rel", scope="gpu") == S - 1
+        if last:
+            v = tl.zeros_like(v)
+            for t in range(0, S):  # past L1 (.cg): the parts come from other SMs
+                v += tl.load(ws_ptr + t * stride + offs, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + i, 0, sem="relaxed", scope="gpu")
+        return v, last
+
+    @triton.jit
     def _pdl_start(PDL: tl.constexpr):
         """First statement of every kernel: with PDL, wait for the previous kernel, then let the next one launch."""
         if PDL:
@@ -192,6 +240,20 @@ if triton is not None:
             if GATED:
                 x = x * tl.sigmoid(x) * tl.load(x_ptr + K + off, mask=off < K, other=0.0).to(tl.float32)
         return x
+
+    @triton.jit
+    def _bf16_of(v, H: tl.constexpr):
+        """Element H (0..3) of the four bf16 packed in int64 v, as float32: the low or high 32 bits (free), then one
+        shift or one and puts the element in a float32's top half, where one conversion each would cost two."""
+        if H < 2:
+            half = v.to(tl.int32)
+        else:
+            half = (v >> 32).to(tl.int32)
+        if H % 2 == 0:
+            half = half << 16
+        else:
+            half = half & -65536
+        return half.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _rows_load(ptr, rows, row_ok, kk, K, EVEN_K: tl.constexpr):
@@ -252,6 +314,7 @@ if triton is not None:
         GATED: tl.constexpr,  # x = [gate | up], the input is silu(gate) * up: the SwiGLU before the down projection
         BIAS: tl.constexpr,  # y += b
         PDL: tl.constexpr,
+        X_ALIGNED: tl.constexpr,  # x (and g) start at a multiple of 8 bytes: int4 may read bf16 x as int64
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
@@ -265,6 +328,8 @@ if triton is not None:
             NG: tl.constexpr = BLOCK_K // GROUP
             WG: tl.constexpr = GROUP // 8
             KW = tl.multiple_of(K // 8, 4)  # words per row (K is a multiple of the group, >= 32)
+            X64: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16 and X_ALIGNED
+            x64 = x_ptr.to(tl.pointer_type(tl.int64))
             rw = tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :]
             acc = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
             ss = tl.zeros((NG, WG), dtype=tl.float32)
@@ -273,13 +338,31 @@ if triton is not None:
                 wt = _int4_words(w_ptr, rn, n_ok, kw, KW)
                 a = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)  # sum of (1 + q / 16) x over each word
                 xs = tl.zeros((NG, WG), dtype=tl.float32)  # sum of x over each word
-                for j in tl.static_range(8):  # nibble j of a word is weight 8 w + j (byte j // 2, high nibble first)
-                    xj = _load_x(x_ptr, 8 * kw + j, K, GATED, True)
-                    if NORM:
-                        ss += xj * xj
-                        xj = xj * tl.load(g_ptr + 8 * kw + j).to(tl.float32)
-                    xs += xj
-                    a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
+                if X64:  # bf16 x read 4 at a time as int64 (8 x a word: 2 loads), unpacked by _bf16_of
+                    for p in tl.static_range(2):
+                        xq = tl.load(x64 + 2 * kw + p)
+                        if GATED:
+                            uq = tl.load(x64 + K // 4 + 2 * kw + p)
+                        if NORM:
+                            gq = tl.load(g_ptr.to(tl.pointer_type(tl.int64)) + 2 * kw + p)
+                        for h in tl.static_range(4):
+                            xj = _bf16_of(xq, h)
+                            if GATED:
+                                xj = xj * tl.sigmoid(xj) * _bf16_of(uq, h)
+                            if NORM:
+                                ss += xj * xj
+                                xj = xj * _bf16_of(gq, h)
+                            xs += xj
+                            # nibble 4 p + h of a word is weight 8 w + 4 p + h (byte 2 p + h // 2, high nibble first)
+                            a += _mant(wt, 15 + 4 * (h % 2) - 8 * (2 * p + h // 2), 0x780000) * xj[None, :, :]
+                else:
+                    for j in tl.static_range(8):  # nibble j of a word is weight 8 w + j (byte j // 2, high first)
+                        xj = _load_x(x_ptr, 8 * kw + j, K, GATED, True)
+                        if NORM:
+                            ss += xj * xj
+                            xj = xj * tl.load(g_ptr + 8 * kw + j).to(tl.float32)
+                        xs += xj
+                        a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
                 # W = (q - 8) s + z, so a group adds s * sum(q x) + (z - 8 s) * sum(x) = 16 s a + (z - 24 s) xs
                 s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG)
                 acc += a * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :]
@@ -312,6 +395,8 @@ if triton is not None:
     @triton.heuristics(_EVEN_K)
     @triton.jit
     def _gemm_kernel(
+        ws_ptr,  # [SPLIT, M, N] float32 workspace (SPLIT > 1)
+        cnt_ptr,  # [>= N / BLOCK_N] int32 counters, zero between calls (SPLIT > 1)
         x_ptr,  # [M, K] row-major
         w_ptr,
         s_ptr,
@@ -330,6 +415,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SWAP: tl.constexpr,  # see _dot
+        SPLIT: tl.constexpr,  # programs per output block, each over 1 / SPLIT of K (_split_sum)
         EVEN_K: tl.constexpr,
     ):
         """_gemv_kernel's epilogue (residual, bias) for a few tokens. Nothing runs between a tile's load and tl.dot: the
@@ -340,6 +426,7 @@ if triton is not None:
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
+        k_lo, k_hi = _k_range(K, BLOCK_K, SPLIT)
         if SWAP:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
@@ -347,7 +434,7 @@ if triton is not None:
         dt = x_ptr.dtype.element_ty
         if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); BLOCK_K divides K
             rb = tl.arange(0, BLOCK_K // 2)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]
                 xe = tl.load(xp, mask=m_ok[:, None], other=0.0)
                 xo = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
@@ -356,7 +443,7 @@ if triton is not None:
                 acc = _dot(xo, tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
         else:
             rk = tl.arange(0, BLOCK_K)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + rk
                 w = _rows_load(w_ptr, rn, n_ok, kk, K, EVEN_K)  # as stored: tl.dot takes bf16 / fp16 directly
                 x = _rows_load(x_ptr, rm, m_ok, kk, K, EVEN_K)
@@ -365,14 +452,42 @@ if triton is not None:
                 acc = _dot(x, w.to(dt), acc, SWAP)
         if SWAP:
             acc = tl.trans(acc)
-        if QUANT == 1:
-            acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y_mask = m_ok[:, None] & n_ok[None, :]
-        if BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if RESIDUAL:
-            acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=y_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        if SPLIT > 1:
+            acc, last = _split_sum(acc, ws_ptr, cnt_ptr, rm[:, None] * N + rn[None, :], y_mask, M * N)
+        else:
+            last = True
+        if last:
+            if QUANT == 1:
+                acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if RESIDUAL:
+                acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+# Few-token matmuls of few rows and long rows (the 7B shape's wo and w2, N = 4096) have too few programs to keep the
+# GPU busy: split configs give each output block SPLIT programs over parts of K (`_split_sum`). Measured on an H200
+# (eighth session, 26 tokens, N = K = 4096): bf16 13.6 -> 8.3 us (cuBLAS 7.9), int4 87.5 -> 47.3 us. One token
+# gained nothing from a split there, so the GEMV has none.
+MAX_SPLIT = 8  # the most programs a split config puts on one output block (the configs' SPLIT)
+SPLIT_MAX_N, SPLIT_MIN_K = 8192, 2048  # where split configs are tried; SmolLM2's matmuls (K <= 1536) never are
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def split_allowed(n: int, k: int) -> bool:
+    """Whether the few-token matmul's split-over-K configs may run for an [n, k] weight."""
+    return n <= SPLIT_MAX_N and k >= SPLIT_MIN_K
+
+
+def _counters(device: torch.device) -> Tensor:
+    """The split configs' per-block counters on this device: zeroed once, then left at zero by every call."""
+    if device not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("kernels.wmm: call it once outside CUDA-graph capture first (counters, autotuning)")
+        _COUNTERS[device] = torch.zeros(SPLIT_MAX_N, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def _check(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, gated: bool) -> tuple[int, int, int]:
@@ -422,13 +537,20 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
     flags = dict(QUANT=quant, GROUP=group, RESIDUAL=residual is not None, BIAS=bias is not None, PDL=PDL)
     norm = g is not None
     g, r, b = (t if t is not None else x for t in (g, residual, bias))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         wv = w.view(torch.int32) if quant == INT4 else w  # int4: read as words of 8 (see _gemv_kernel)
-        _gemv_kernel[grid](x, wv, s, y, g, r, b, n, k, eps, **flags, NORM=norm, GATED=gated, launch_pdl=PDL)
+        aligned = x.data_ptr() % 8 == 0 and g.data_ptr() % 8 == 0
+        _gemv_kernel[grid](x, wv, s, y, g, r, b, n, k, eps, **flags, NORM=norm, GATED=gated, X_ALIGNED=aligned,
+                           launch_pdl=PDL)  # fmt: skip
     else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+        if split_allowed(n, k):  # the autotuner may pick a split config: room for its parts, and the counters
+            ws, cnt = torch.empty(MAX_SPLIT, m, n, dtype=torch.float32, device=x.device), _counters(x.device)
+        else:
+            ws = cnt = y  # never read
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        _gemm_kernel[grid](x, w, s, y, r, b, m, n, k, **flags, BLOCK_M=block_m, launch_pdl=PDL)
+        _gemm_kernel[grid](ws, cnt, x, w, s, y, r, b, m, n, k, **flags, BLOCK_M=block_m, launch_pdl=PDL)
     return y
 
 

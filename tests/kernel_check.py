@@ -77,8 +77,11 @@ def check_all_configs():
         try:
             for cfg in configs:
                 bk = cfg.kwargs["BLOCK_K"]
-                for quant, k in ((K.NONE, 2 * bk), (K.INT8, 2 * bk), (K.INT4, 2 * bk), (K.NONE, bk + 48),
-                                 (K.INT8, 3 * bk + 16), (K.INT4, bk + 64)):  # fmt: skip
+                cases = ((K.NONE, 2 * bk), (K.INT8, 2 * bk), (K.INT4, 2 * bk), (K.NONE, bk + 48), (K.INT8, 3 * bk + 16),
+                         (K.INT4, bk + 64))  # fmt: skip
+                if cfg.kwargs.get("SPLIT", 1) > 1:  # long rows only (kernels.split_allowed); parts of several chunks
+                    cases = ((K.NONE, K.SPLIT_MIN_K), (K.INT8, K.SPLIT_MIN_K + 16), (K.INT4, K.SPLIT_MIN_K + 64))
+                for quant, k in cases:
                     # n = 40 or 100: not a multiple of BLOCK_N. K not a multiple of BLOCK_K: bf16 and int8 mask the last
                     # chunk, int4 (no mask) must be given a BLOCK_K that divides K (here 64)
                     n, g = 40 if cfg.kwargs["BLOCK_N"] <= 64 else 100, 64 if bk >= 64 else 32
@@ -93,6 +96,7 @@ def check_all_configs():
                         assert y.shape == (m, n) and err < 1e-5, (cfg, quant, k, m, err)
         finally:
             kern.configs, kern.cache = configs, {}
+    assert not K._COUNTERS[torch.device("cpu")].any()  # every split config left its counters at zero
     print("configs ok")
 
 
@@ -136,6 +140,30 @@ def check_fp16():
             y = K.wmm(x, w, s.half() if quant == K.INT8 else s, quant, 64)
             assert y.dtype == torch.float16 and rel_err(y, x.float() @ ref_w.T) < 2e-3, (quant, m)
     print("fp16 ok")
+
+
+def check_bf16_int4():
+    """The one-token int4 kernel reads bf16 x four at a time as int64 (kernels._bf16_of), with the norm weight and the
+    gating's up half read so too; x that does not start at a multiple of 8 bytes takes the one-at-a-time path."""
+    torch.manual_seed(7)
+    k, n, g = 256, 48, 64
+    w, s, ref_w = weights(K.INT4, n, k, g)
+    buf = torch.randn(2 * k + 8).bfloat16()
+    norm_w, r = (torch.rand(k) + 0.5).bfloat16(), torch.randn(1, n).bfloat16()
+    for x, aligned in ((buf[None, :k], True), (buf[None, 1 : k + 1], False)):
+        assert (x.data_ptr() % 8 == 0) == aligned
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.float()
+        gu = buf[None, 1 : 2 * k + 1] if not aligned else buf[None, : 2 * k]
+        gated = F.silu(gu[:, :k].float()) * gu[:, k:].float()
+        for args, ref in (
+            ((x, w, s, K.INT4, g), xf @ ref_w.T),
+            ((x, w, s, K.INT4, g, norm_w, 1e-5, r), normed @ ref_w.T + r.float()),
+            ((gu, w, s, K.INT4, g, None, 0.0, None, True), gated @ ref_w.T),
+        ):
+            y = K.wmm(*args)
+            assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 5e-3, (aligned, rel_err(y, ref))
+    print("bf16_int4 ok")
 
 
 def check_errors():
@@ -211,6 +239,8 @@ def check_fused():
         configs = kern.configs
         try:
             for cfg in configs:
+                if cfg.kwargs.get("SPLIT", 1) > 1:
+                    continue  # split configs run for long rows only (kernels.split_allowed): check_all_configs
                 kern.configs, kern.cache = [cfg], {}
                 bk = cfg.kwargs["BLOCK_K"]
                 for quant, k in ((K.NONE, 2 * bk), (K.INT8, 2 * bk), (K.INT4, 2 * bk), (K.NONE, bk + 48)):
@@ -429,6 +459,7 @@ if __name__ == "__main__":
     assert K.INTERPRET and K.triton is not None
     check_all_configs()
     check_fp16()
+    check_bf16_int4()
     check_pinned_configs()
     check_errors()
     check_modules()

@@ -18,6 +18,7 @@ def test_kernels_in_the_triton_interpreter():
     parts = (
         "configs",
         "fp16",
+        "bf16_int4",
         "errors",
         "modules",
         "compile",
