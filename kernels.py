@@ -10,8 +10,9 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
 
 - M = 1 (`_gemv_kernel`): each program owns BLOCK_N output rows and walks K in BLOCK_K chunks, accumulating
   w * x elementwise in float32 registers and reducing once at the end (no tensor cores: nothing to multiply). The
-  chunks are dependent steps, so for small K few and wide ones win: bf16 and int8 mask a last, partial chunk (K = 576
-  in one chunk of 1024 rather than nine of 64; int4 keeps whole groups, so its BLOCK_K divides K).
+  chunks are dependent steps, so for small K few and wide ones win: a last, partial chunk is masked (K = 576 in one
+  chunk of 1024 rather than nine of 64; int4 masks whole groups, so the 7B shape's K = 11008 = 43 x 256 takes chunks
+  of 1024 too, not 256).
   Here the int8 and int4 kernels are bound by instructions issued, not bytes (`scripts/kernel_sass.py` counts them:
   bf16 3.4 a weight, int8 4.2, int4 6.8). int4 is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by
   a shift and one and-or into a float's mantissa (`_mant`), the group's scale and zero are applied once per word, and
@@ -78,12 +79,12 @@ if triton is not None:
         return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
     def _prune(configs, named_args, **kwargs):
-        """Fit the block shapes to the matrix. BLOCK_K: int4 reads whole groups, so there it is cut to the largest
-        power of two dividing K (K is a multiple of the power-of-two group size); bf16 and int8 mask the last chunk
-        where BLOCK_K does not divide K, so there it is cut to K rounded up to a power of two (SmolLM2's K = 576 then
-        takes one 1024-wide chunk, or two of 512, instead of nine of 64). BLOCK_N: at most N rounded up to 16."""
+        """Fit the block shapes to the matrix. BLOCK_K: the last chunk is masked where BLOCK_K does not divide K, so
+        BLOCK_K is cut to K rounded up to a power of two (SmolLM2's K = 576 then takes one 1024-wide chunk, or two of
+        512, instead of nine of 64), and for int4 is at least a group (chunks of whole groups, the masked ones too).
+        BLOCK_N: at most N rounded up to 16."""
         k, n, group = named_args["K"], named_args["N"], kwargs.get("GROUP", 0)
-        kmax = k & -k if kwargs.get("QUANT") == INT4 else triton.next_power_of_2(k)
+        kmax = triton.next_power_of_2(k)
         split_ok = split_allowed(n, k)
         fitted = {}
         for c in configs:
@@ -168,24 +169,40 @@ if triton is not None:
         return f
 
     @triton.jit
-    def _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, NG: tl.constexpr):
-        """The (scale, zero) of rows rn for the NG groups from column k0 on, as float32 [rows, NG, 1] each."""
-        sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + (k0 // GROUP + tl.arange(0, NG))[None, :])
-        s = tl.load(sp, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-        z = tl.load(sp + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+    def _load_ok(p, ok, EVEN_K: tl.constexpr):
+        """tl.load(p), 0 where not ok, unless EVEN_K (every chunk whole: no mask)."""
+        if EVEN_K:
+            v = tl.load(p)
+        else:
+            v = tl.load(p, mask=ok, other=0)
+        return v
+
+    @triton.jit
+    def _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, NG: tl.constexpr, EVEN_K: tl.constexpr):
+        """The (scale, zero) of rows rn for the NG groups from column k0 on, as float32 [rows, NG, 1] each; 0 for
+        groups past K."""
+        rg = k0 // GROUP + tl.arange(0, NG)
+        sp = s_ptr + 2 * (rn[:, None] * (K // GROUP) + rg[None, :])
+        ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (rg < K // GROUP)[None, :]
+        s = tl.load(sp, mask=ok, other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(sp + 1, mask=ok, other=0.0).to(tl.float32)[:, :, None]
         return s, z
 
     @triton.jit
-    def _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         """The int4 weights of rows rn, columns k0 .. k0+BLOCK_K, as float32 (even, odd) [rows, NG groups, HG bytes]:
         each byte holds an even (high nibble) and an odd (low nibble) element, and each (row, group) one
-        (scale, zero) pair, broadcast over the group's bytes."""
+        (scale, zero) pair, broadcast over the group's bytes; 0 past K."""
         NG: tl.constexpr = BLOCK_K // GROUP
         HG: tl.constexpr = GROUP // 2
         rg, rj = tl.arange(0, NG), tl.arange(0, HG)
         bp = w_ptr + rn[:, None, None] * (K // 2) + (k0 // 2 + rg[:, None] * HG + rj[None, :])[None, :, :]
-        b = tl.load(bp, mask=n_ok[:, None, None], other=0).to(tl.int32)
-        s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG)
+        if EVEN_K:
+            ok = n_ok[:, None, None]
+        else:
+            ok = n_ok[:, None, None] & (k0 // GROUP + rg < K // GROUP)[None, :, None]
+        b = tl.load(bp, mask=ok, other=0).to(tl.int32)
+        s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG, EVEN_K)
         return _as_float(b >> 4, 0, 8) * s + z, _as_float(b & 15, 0, 8) * s + z
 
     @triton.jit
@@ -289,9 +306,11 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _int4_words(w_ptr, rows, row_ok, kw, KW):
-        """Words kw [NG groups, WG words] of rows `rows` of an int4 weight read as int32 [N, KW]: [rows, NG, WG]."""
-        return tl.load(w_ptr + rows[:, None, None] * KW + kw[None, :, :], mask=row_ok[:, None, None], other=0)
+    def _int4_words(w_ptr, rows, row_ok, kw, KW, EVEN_K: tl.constexpr):
+        """Words kw [NG groups, WG words] of rows `rows` of an int4 weight read as int32 [N, KW]: [rows, NG, WG];
+        0 past K."""
+        ok = row_ok[:, None, None] if EVEN_K else row_ok[:, None, None] & (kw < KW)[None, :, :]
+        return tl.load(w_ptr + rows[:, None, None] * KW + kw[None, :, :], mask=ok, other=0)
 
     @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED"], **_TUNE)
     @triton.heuristics(_EVEN_K)
@@ -324,7 +343,7 @@ if triton is not None:
         _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        if QUANT == 2:  # 32-bit words of 8 weights, [BLOCK_N rows, NG groups, WG words]; BLOCK_K divides K
+        if QUANT == 2:  # 32-bit words of 8 weights, [BLOCK_N rows, NG groups, WG words]; K a multiple of GROUP
             NG: tl.constexpr = BLOCK_K // GROUP
             WG: tl.constexpr = GROUP // 8
             KW = tl.multiple_of(K // 8, 4)  # words per row (K is a multiple of the group, >= 32)
@@ -335,16 +354,17 @@ if triton is not None:
             ss = tl.zeros((NG, WG), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kw = k0 // 8 + rw
-                wt = _int4_words(w_ptr, rn, n_ok, kw, KW)
+                kok = kw < KW  # (the last chunk may hold groups past K: weights, scales and x read as 0 there)
+                wt = _int4_words(w_ptr, rn, n_ok, kw, KW, EVEN_K)
                 a = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)  # sum of (1 + q / 16) x over each word
                 xs = tl.zeros((NG, WG), dtype=tl.float32)  # sum of x over each word
                 if X64:  # bf16 x read 4 at a time as int64 (8 x a word: 2 loads), unpacked by _bf16_of
                     for p in tl.static_range(2):
-                        xq = tl.load(x64 + 2 * kw + p)
+                        xq = _load_ok(x64 + 2 * kw + p, kok, EVEN_K)
                         if GATED:
-                            uq = tl.load(x64 + K // 4 + 2 * kw + p)
+                            uq = _load_ok(x64 + K // 4 + 2 * kw + p, kok, EVEN_K)
                         if NORM:
-                            gq = tl.load(g_ptr.to(tl.pointer_type(tl.int64)) + 2 * kw + p)
+                            gq = _load_ok(g_ptr.to(tl.pointer_type(tl.int64)) + 2 * kw + p, kok, EVEN_K)
                         for h in tl.static_range(4):
                             xj = _bf16_of(xq, h)
                             if GATED:
@@ -357,14 +377,14 @@ if triton is not None:
                             a += _mant(wt, 15 + 4 * (h % 2) - 8 * (2 * p + h // 2), 0x780000) * xj[None, :, :]
                 else:
                     for j in tl.static_range(8):  # nibble j of a word is weight 8 w + j (byte j // 2, high first)
-                        xj = _load_x(x_ptr, 8 * kw + j, K, GATED, True)
+                        xj = _load_x(x_ptr, 8 * kw + j, K, GATED, EVEN_K)
                         if NORM:
                             ss += xj * xj
-                            xj = xj * tl.load(g_ptr + 8 * kw + j).to(tl.float32)
+                            xj = xj * _load_ok(g_ptr + 8 * kw + j, kok, EVEN_K).to(tl.float32)
                         xs += xj
                         a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
                 # W = (q - 8) s + z, so a group adds s * sum(q x) + (z - 8 s) * sum(x) = 16 s a + (z - 24 s) xs
-                s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG)
+                s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG, EVEN_K)
                 acc += a * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :]
             y = tl.sum(tl.sum(acc, axis=2), axis=1)
             sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
@@ -432,13 +452,14 @@ if triton is not None:
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         dt = x_ptr.dtype.element_ty
-        if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); BLOCK_K divides K
+        if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); K a multiple of GROUP
             rb = tl.arange(0, BLOCK_K // 2)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]
-                xe = tl.load(xp, mask=m_ok[:, None], other=0.0)
-                xo = tl.load(xp + 1, mask=m_ok[:, None], other=0.0)
-                we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K)
+                x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k0 + 2 * rb < K)[None, :]
+                xe = tl.load(xp, mask=x_ok, other=0.0)
+                xo = tl.load(xp + 1, mask=x_ok, other=0.0)
+                we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K, EVEN_K)
                 acc = _dot(xe, tl.reshape(we.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
                 acc = _dot(xo, tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
         else:

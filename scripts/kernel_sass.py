@@ -28,7 +28,7 @@ QUANTS = {"bf16": K.NONE, "int8": K.INT8, "int4": K.INT4}
 
 
 def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: int, stages: int, block_m: int,
-                   swap: bool, group: int, arch: int, split: int = 1):  # fmt: skip
+                   swap: bool, group: int, arch: int, split: int = 1, masked: bool = False):  # fmt: skip
     """The one-token (_gemv_kernel) or few-token (_gemm_kernel) kernel compiled for sm_<arch>, bf16 activations, no
     fusions."""
     import triton  # noqa: PLC0415
@@ -41,7 +41,7 @@ def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: i
     w_type = {K.NONE: "*bf16", K.INT8: "*i8", K.INT4: "*i32" if tokens == 1 else "*u8"}[q]
     values = dict(QUANT=q, GROUP=group if q == K.INT4 else 0, NORM=False, RESIDUAL=False, GATED=False, BIAS=False,
                   PDL=False, X_ALIGNED=True, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  SWAP=int(swap), EVEN_K=True)  # fmt: skip
+                  SWAP=int(swap), EVEN_K=not masked)  # fmt: skip
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--swap", action="store_true", help="few-token kernel: the weight tile as tl.dot's first operand")
     p.add_argument("--group", type=int, default=64, help="int4 group size")
     p.add_argument("--split", type=int, default=1, help="programs an output block's K is split over")
+    p.add_argument("--masked", action="store_true", help="K not a multiple of BLOCK_K: the loads masked on K")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     a = p.parse_args()
     if K.triton is None:
@@ -103,7 +104,7 @@ def main() -> None:
     block_m = a.block_m or (16 if a.tokens <= 16 else 32 if a.tokens <= 32 else 64)
     try:
         compiled = compile_matmul(a.quant, a.tokens, a.block_n, a.block_k, a.warps, a.stages, block_m, a.swap,
-                                  a.group, a.arch, a.split)  # fmt: skip
+                                  a.group, a.arch, a.split, a.masked)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a config that does not compile is an answer, not a crash
         sys.exit(f"error: does not compile: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
     body = inner_loop(compiled)

@@ -82,11 +82,11 @@ def check_all_configs():
                 if cfg.kwargs.get("SPLIT", 1) > 1:  # long rows only (kernels.split_allowed); parts of several chunks
                     cases = ((K.NONE, K.SPLIT_MIN_K), (K.INT8, K.SPLIT_MIN_K + 16), (K.INT4, K.SPLIT_MIN_K + 64))
                 for quant, k in cases:
-                    # n = 40 or 100: not a multiple of BLOCK_N. K not a multiple of BLOCK_K: bf16 and int8 mask the last
-                    # chunk, int4 (no mask) must be given a BLOCK_K that divides K (here 64)
+                    # n = 40 or 100: not a multiple of BLOCK_N. K not a multiple of BLOCK_K: the last chunk is masked
+                    # (int4: whole groups past K)
                     n, g = 40 if cfg.kwargs["BLOCK_N"] <= 64 else 100, 64 if bk >= 64 else 32
                     pruned = K._prune([cfg], {"K": k, "N": n}, QUANT=quant, GROUP=g if quant == K.INT4 else 0)
-                    assert len(pruned) == 1 and (quant != K.INT4 or k % pruned[0].kwargs["BLOCK_K"] == 0)
+                    assert len(pruned) == 1 and (quant != K.INT4 or pruned[0].kwargs["BLOCK_K"] % g == 0)
                     kern.configs, kern.cache = pruned, {}
                     w, s, ref_w = weights(quant, n, k, g)
                     for m in ms:
@@ -146,11 +146,12 @@ def check_bf16_int4():
     """The one-token int4 kernel reads bf16 x four at a time as int64 (kernels._bf16_of), with the norm weight and the
     gating's up half read so too; x that does not start at a multiple of 8 bytes takes the one-at-a-time path."""
     torch.manual_seed(7)
-    k, n, g = 256, 48, 64
-    w, s, ref_w = weights(K.INT4, n, k, g)
-    buf = torch.randn(2 * k + 8).bfloat16()
-    norm_w, r = (torch.rand(k) + 0.5).bfloat16(), torch.randn(1, n).bfloat16()
-    for x, aligned in ((buf[None, :k], True), (buf[None, 1 : k + 1], False)):
+    n, g = 48, 64
+    for k, aligned in ((256, True), (256, False), (320, True)):  # 320: a last chunk of 512 holds 3 groups past K
+        w, s, ref_w = weights(K.INT4, n, k, g)
+        buf = torch.randn(2 * k + 8).bfloat16()
+        norm_w, r = (torch.rand(k) + 0.5).bfloat16(), torch.randn(1, n).bfloat16()
+        x = buf[None, :k] if aligned else buf[None, 1 : k + 1]
         assert (x.data_ptr() % 8 == 0) == aligned
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.float()
@@ -162,7 +163,7 @@ def check_bf16_int4():
             ((gu, w, s, K.INT4, g, None, 0.0, None, True), gated @ ref_w.T),
         ):
             y = K.wmm(*args)
-            assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 5e-3, (aligned, rel_err(y, ref))
+            assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 5e-3, (k, aligned, rel_err(y, ref))
     print("bf16_int4 ok")
 
 
