@@ -43,6 +43,7 @@ The tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERP
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 
@@ -243,6 +244,11 @@ if triton is not None:
     _NO_PTX = tl.constexpr(INTERPRET)  # Triton's CPU interpreter runs no inline PTX
 
     _TUNE = {"prune_configs_by": {"early_config_prune": _prune}, "do_bench": _fast_bench}
+    if not INTERPRET and "cache_results" in inspect.signature(triton.autotune).parameters:  # Triton >= 3.4
+        # The autotuner's picks are kept in Triton's cache directory (TRITON_CACHE_DIR, else ~/.triton/cache), keyed
+        # by kernel source, GPU architecture, shape and config list: a later process on this machine skips the tuning
+        # (tens of seconds for a 7B model). Delete that directory to tune afresh.
+        _TUNE["cache_results"] = True
 
     @triton.jit
     def _load_x(x_ptr, off, K, GATED: tl.constexpr, EVEN_K: tl.constexpr):

@@ -39,3 +39,23 @@ def test_kernel_sass_counts_instructions_without_a_gpu():
     assert r.returncode == 0 and " a weight" in r.stdout and "FFMA" in r.stdout, r.stdout + r.stderr
     bad = subprocess.run([sys.executable, str(script), "--block-k", "40"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_autotuner_picks_persist_across_processes():
+    """kernels.py asks Triton (>= 3.4) to keep the autotuner's picks on disk, which it stores as JSON of each config's
+    fields and reads back as triton.Config(**fields): every config must survive that round trip."""
+    import inspect
+    import json
+
+    import triton
+
+    import kernels as K
+
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip("Triton < 3.4 keeps no autotuning results")
+    for kern in (K._gemv_kernel, K._gemm_kernel):
+        assert kern.cache_results
+        for c in kern.configs:
+            back = triton.Config(**json.loads(json.dumps(c.__dict__)))
+            assert (back.kwargs, back.num_warps, back.num_stages) == (c.kwargs, c.num_warps, c.num_stages)
+            assert c.pre_hook is None  # configs with a pre_hook are never cached
