@@ -22,7 +22,10 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
 - M > 1 (`_gemm_kernel`): the same walk, but the converted chunk goes through tl.dot against a BLOCK_M-row tile of x
   (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs. Some block shapes swap the
   operands (`_dot`): the weight tile is tl.dot's first operand and the tokens its N. Some split K over several
-  programs per output block (`_split_sum`, for long rows of few outputs: see SPLIT_MAX_N).
+  programs per output block (`_split_sum`, for long rows of few outputs: see SPLIT_MAX_N). For int4, `WORDS`
+  configs read 32-bit words and convert them as the one-token kernel does, with one dot per nibble position against
+  x's matching columns (about 6 instructions a weight against 7-9 by bytes; not yet timed on a GPU: the autotuner
+  picks them only where they are faster).
 - Elsewhere integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for
   0 <= i < 2^23, so an integer add (for int8 a byte permute, `_int8_float`) and a float subtract replace a conversion
   instruction (1/8 rate on Hopper). `scripts/kernel_sass.py` counts what each costs a weight.
@@ -92,6 +95,8 @@ if triton is not None:
             bn, bk, split = c.kwargs["BLOCK_N"], min(max(c.kwargs["BLOCK_K"], group), kmax), c.kwargs.get("SPLIT", 1)
             if bn > max(16, triton.next_power_of_2(n)) or split > 1 and not split_ok:
                 continue
+            if c.kwargs.get("WORDS") and (kwargs.get("QUANT") != INT4 or bk < 128):  # int4, dots of >= 16 words
+                continue
             cfg = triton.Config({**c.kwargs, "BLOCK_K": bk}, num_warps=c.num_warps, num_stages=c.num_stages)
             fitted.setdefault((bn, bk, c.kwargs.get("SWAP"), split, c.num_warps, c.num_stages), cfg)
         return list(fitted.values())
@@ -108,18 +113,23 @@ if triton is not None:
         ]
     ]  # fmt: skip
     _GEMM_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": sw, "SPLIT": sp}, num_warps=w, num_stages=s)
-        for bn, bk, w, s, sw, sp in [
-            (16, 128, 4, 3, 0, 1), (16, 256, 4, 3, 0, 1), (32, 128, 4, 3, 0, 1), (32, 256, 4, 3, 0, 1),
-            (64, 128, 4, 3, 0, 1), (16, 512, 8, 2, 0, 1), (16, 256, 4, 5, 0, 1), (16, 512, 4, 4, 0, 1),
-            (32, 256, 8, 4, 0, 1), (32, 512, 8, 3, 0, 1),
-            (16, 1024, 4, 1, 0, 1), (16, 1024, 8, 1, 0, 1), (32, 1024, 8, 1, 0, 1), (16, 512, 4, 2, 0, 1),  # small K
-            (32, 256, 4, 3, 1, 1), (64, 128, 4, 3, 1, 1), (64, 256, 4, 3, 1, 1), (64, 256, 8, 3, 1, 1),
-            (128, 128, 4, 3, 1, 1), (128, 256, 8, 2, 1, 1), (64, 512, 8, 1, 1, 1),  # swapped operands (see _dot)
-            # split over K (see _split_sum; for K >= SPLIT_MIN_K and N <= SPLIT_MAX_N only)
-            (32, 128, 4, 3, 0, 2), (32, 256, 4, 3, 0, 4), (64, 128, 4, 3, 1, 4), (64, 256, 8, 3, 1, 4),
-            (32, 256, 4, 3, 1, 8), (64, 256, 4, 3, 1, 2),
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": sw, "SPLIT": sp, "WORDS": wd}, num_warps=w, num_stages=s)
+        for wd, shapes in [
+            (0, [
+                (16, 128, 4, 3, 0, 1), (16, 256, 4, 3, 0, 1), (32, 128, 4, 3, 0, 1), (32, 256, 4, 3, 0, 1),
+                (64, 128, 4, 3, 0, 1), (16, 512, 8, 2, 0, 1), (16, 256, 4, 5, 0, 1), (16, 512, 4, 4, 0, 1),
+                (32, 256, 8, 4, 0, 1), (32, 512, 8, 3, 0, 1), (16, 512, 4, 2, 0, 1),
+                (16, 1024, 4, 1, 0, 1), (16, 1024, 8, 1, 0, 1), (32, 1024, 8, 1, 0, 1),  # small K: few chunks
+                (32, 256, 4, 3, 1, 1), (64, 128, 4, 3, 1, 1), (64, 256, 4, 3, 1, 1), (64, 256, 8, 3, 1, 1),
+                (128, 128, 4, 3, 1, 1), (128, 256, 8, 2, 1, 1), (64, 512, 8, 1, 1, 1),  # swapped operands (see _dot)
+                # split over K (see _split_sum; for K >= SPLIT_MIN_K and N <= SPLIT_MAX_N only)
+                (32, 128, 4, 3, 0, 2), (32, 256, 4, 3, 0, 4), (64, 128, 4, 3, 1, 4), (64, 256, 8, 3, 1, 4),
+                (32, 256, 4, 3, 1, 8), (64, 256, 4, 3, 1, 2),
+            ]),
+            # int4 only, read as 32-bit words (about 6 instructions a weight against 7-9 by bytes, kernel_sass.py)
+            (1, [(128, 256, 8, 2, 1, 1), (128, 128, 4, 3, 1, 1), (64, 256, 4, 3, 1, 1), (64, 256, 4, 3, 1, 4)]),
         ]
+        for bn, bk, w, s, sw, sp in shapes
     ]  # fmt: skip
 
     @triton.jit
@@ -442,6 +452,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         SWAP: tl.constexpr,  # see _dot
         SPLIT: tl.constexpr,  # programs per output block, each over 1 / SPLIT of K (_split_sum)
+        WORDS: tl.constexpr,  # int4: read 32-bit words, 8 dots a chunk (else bytes, 2 dots)
         EVEN_K: tl.constexpr,
     ):
         """_gemv_kernel's epilogue (residual, bias) for a few tokens. Nothing runs between a tile's load and tl.dot: the
@@ -458,7 +469,24 @@ if triton is not None:
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         dt = x_ptr.dtype.element_ty
-        if QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); K a multiple of GROUP
+        if QUANT == 2 and WORDS:  # 32-bit words as in _gemv_kernel; one dot per nibble position
+            NG: tl.constexpr = BLOCK_K // GROUP
+            WG: tl.constexpr = GROUP // 8
+            KW = tl.multiple_of(K // 8, 4)
+            w32 = w_ptr.to(tl.pointer_type(tl.int32))
+            rw = tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :]
+            rf = tl.arange(0, BLOCK_K // 8)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                wt = _int4_words(w32, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)  # [BLOCK_N, NG, WG]
+                s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG, EVEN_K)
+                s16, z24 = 16.0 * s, z - 24.0 * s  # W = (q - 8) s + z = 16 s (1 + q / 16) + z - 24 s
+                kf = k0 // 8 + rf  # words of the chunk, in order: [BLOCK_K / 8]
+                x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (kf < KW)[None, :]
+                for j in tl.static_range(8):  # nibble j of word w is column 8 w + j: x's columns j, j + 8, ...
+                    wj = _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * s16 + z24
+                    xj = tl.load(x_ptr + rm[:, None] * K + (8 * kf + j)[None, :], mask=x_ok, other=0.0)
+                    acc = _dot(xj, tl.reshape(wj.to(dt), (BLOCK_N, BLOCK_K // 8)), acc, SWAP)
+        elif QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); K a multiple of GROUP
             rb = tl.arange(0, BLOCK_K // 2)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]

@@ -28,7 +28,8 @@ QUANTS = {"bf16": K.NONE, "int8": K.INT8, "int4": K.INT4}
 
 
 def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: int, stages: int, block_m: int,
-                   swap: bool, group: int, arch: int, split: int = 1, masked: bool = False):  # fmt: skip
+                   swap: bool, group: int, arch: int, split: int = 1, masked: bool = False,
+                   words: bool = False):  # fmt: skip
     """The one-token (_gemv_kernel) or few-token (_gemm_kernel) kernel compiled for sm_<arch>, bf16 activations, no
     fusions."""
     import triton  # noqa: PLC0415
@@ -38,10 +39,10 @@ def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: i
     q = QUANTS[quant]
     kern = K._gemv_kernel if tokens == 1 else K._gemm_kernel
     fn = kern.fn.fn  # Autotuner -> Heuristics -> JITFunction
-    w_type = {K.NONE: "*bf16", K.INT8: "*i8", K.INT4: "*i32" if tokens == 1 else "*u8"}[q]
+    w_type = {K.NONE: "*bf16", K.INT8: "*i8", K.INT4: "*i32" if tokens == 1 else "*u8"}[q]  # (words: cast inside)
     values = dict(QUANT=q, GROUP=group if q == K.INT4 else 0, NORM=False, RESIDUAL=False, GATED=False, BIAS=False,
                   PDL=False, X_ALIGNED=True, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  SWAP=int(swap), EVEN_K=not masked)  # fmt: skip
+                  SWAP=int(swap), EVEN_K=not masked, WORDS=int(words))  # fmt: skip
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
@@ -97,6 +98,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=64, help="int4 group size")
     p.add_argument("--split", type=int, default=1, help="programs an output block's K is split over")
     p.add_argument("--masked", action="store_true", help="K not a multiple of BLOCK_K: the loads masked on K")
+    p.add_argument("--words", action="store_true", help="few-token int4: read 32-bit words (8 dots a chunk)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     a = p.parse_args()
     if K.triton is None:
@@ -104,7 +106,7 @@ def main() -> None:
     block_m = a.block_m or (16 if a.tokens <= 16 else 32 if a.tokens <= 32 else 64)
     try:
         compiled = compile_matmul(a.quant, a.tokens, a.block_n, a.block_k, a.warps, a.stages, block_m, a.swap,
-                                  a.group, a.arch, a.split, a.masked)  # fmt: skip
+                                  a.group, a.arch, a.split, a.masked, a.words)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a config that does not compile is an answer, not a crash
         sys.exit(f"error: does not compile: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
     body = inner_loop(compiled)
