@@ -149,13 +149,15 @@ if triton is not None:
         if _NO_PTX:
             f = ((w & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
         else:  # one lop3 (a & b | c) with the constant kept in a register; Triton's code takes two, one per immediate
-            f = _ptx_float(w, f"lop3.b32 $0, $1, {MASK}, 0x3F800000, 0xEA;", "=r,r", 1)
+            f = tl.inline_asm_elementwise(
+                asm=f"lop3.b32 $0, $1, {MASK}, 0x3F800000, 0xEA;",
+                constraints="=r,r",
+                args=[w],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
         return f
-
-    @triton.jit
-    def _ptx_float(w, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, PACK: tl.constexpr):
-        """Inline PTX from 32-bit registers w to PACK float32 results each (pure: no side effects)."""
-        return tl.inline_asm_elementwise(ASM, CONSTRAINTS, [w], dtype=tl.float32, is_pure=True, pack=PACK)
 
     @triton.jit
     def _int8_float(w):
@@ -165,13 +167,15 @@ if triton is not None:
         if _NO_PTX:
             f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
         else:
-            f = _ptx_float(
-                w,
-                "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
+            f = tl.inline_asm_elementwise(
+                asm="{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
                 "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
                 "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
-                "=r,=r,=r,=r,r",
-                4,
+                constraints="=r,=r,=r,=r,r",
+                args=[w],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=4,
             )
         return f
 
