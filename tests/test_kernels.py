@@ -59,3 +59,23 @@ def test_autotuner_picks_persist_across_processes():
             back = triton.Config(**json.loads(json.dumps(c.__dict__)))
             assert (back.kwargs, back.num_warps, back.num_stages) == (c.kwargs, c.num_warps, c.num_stages)
             assert c.pre_hook is None  # configs with a pre_hook are never cached
+
+
+def test_jit_functions_get_no_string_arguments():
+    """Triton 3.6 (the GPU machine's) cannot pass a Python string into a @triton.jit function ("'str' object has no
+    attribute 'type'"), though 3.7 (this machine's) can: an inline-PTX helper taking its assembly as an argument
+    compiled here and broke every int8/int4 kernel there (eighth session). Strings stay at the tl.* call sites."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parent.parent / "kernels.py").read_text())
+    jitted = {
+        f.name
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in f.decorator_list)
+    }
+    assert len(jitted) > 10
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in jitted:
+            for arg in [*call.args, *(k.value for k in call.keywords)]:
+                is_str = isinstance(arg, ast.JoinedStr) or isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+                assert not is_str, f"kernels.py:{call.lineno}: a string passed to the jit function {call.func.id}"
