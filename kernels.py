@@ -11,8 +11,8 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
 - M = 1 (`_gemv_kernel`): each program owns BLOCK_N output rows and walks K in BLOCK_K chunks, accumulating
   w * x elementwise in float32 registers and reducing once at the end (no tensor cores: nothing to multiply). The
   chunks are dependent steps, so for small K few and wide ones win: a last, partial chunk is masked (K = 576 in one
-  chunk of 1024 rather than nine of 64; int4 masks whole groups, so the 7B shape's K = 11008 = 43 x 256 takes chunks
-  of 1024 too, not 256).
+  chunk of 1024 rather than nine of 64; int4 masks whole groups, so the 7B shape's K = 11008 = 43 x 256 may take
+  chunks of 512, not 256: 20.1 -> 15.9 us on an H200).
   Here the int8 and int4 kernels are bound by instructions issued, not bytes (`scripts/kernel_sass.py` counts them:
   bf16 3.4 a weight, int8 4.2, int4 6.8). int4 is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by
   a shift and one and-or into a float's mantissa (`_mant`), the group's scale and zero are applied once per word, and
@@ -24,8 +24,8 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   operands (`_dot`): the weight tile is tl.dot's first operand and the tokens its N. Some split K over several
   programs per output block (`_split_sum`, for long rows of few outputs: see SPLIT_MAX_N). For int4, `WORDS`
   configs read 32-bit words and convert them as the one-token kernel does, with one dot per nibble position against
-  x's matching columns (about 6 instructions a weight against 7-9 by bytes; not yet timed on a GPU: the autotuner
-  picks them only where they are faster).
+  x's matching columns (about 6 instructions a weight against 7-9 by bytes, yet on an H200 at 26 tokens no faster
+  than bytes except slightly on the 7B w2 with a split: the autotuner picks them only where they are faster).
 - Elsewhere integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for
   0 <= i < 2^23, so an integer add (for int8 a byte permute, `_int8_float`) and a float subtract replace a conversion
   instruction (1/8 rate on Hopper). `scripts/kernel_sass.py` counts what each costs a weight.
