@@ -400,15 +400,30 @@ def switch(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> N
     p.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
+HEAD = str(ROOT / "heads" / "SmolLM2-135M-Instruct")
+
+
 @torch.inference_mode()
 def main() -> None:
+    run(parse_args())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", choices=["smollm2", "smollm2-shape", "7b"],
                    help="repeatable (default: smollm2 and 7b)")  # fmt: skip
     p.add_argument("--plain", action="store_true", help="plain compiled decoding")
-    p.add_argument("--rounds", action="store_true", help="EAGLE per-round costs with a random head")
+    p.add_argument("--rounds", action="store_true", help="EAGLE per-round costs with a random head (= --eagle)")
     p.add_argument("--mt-bench", action="store_true", help="tau and tok/s on MT-bench with --eagle HEAD")
-    p.add_argument("--eagle", default=str(ROOT / "heads" / "SmolLM2-135M-Instruct"), help="head for --mt-bench")
+    p.add_argument(
+        "--eagle",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="HEAD",
+        help="alone: EAGLE per-round costs with a random head (as --rounds); with a head: tau and tok/s on MT-bench "
+        "with that head (as --mt-bench --eagle HEAD; --mt-bench alone takes the shipped SmolLM2 head)",
+    )
     p.add_argument("--tree", action="append", help="tree specs for --rounds / --mt-bench (default: default)")
     p.add_argument("--prompts", type=int, default=80, help="MT-bench questions to use")
     p.add_argument("--max-new-tokens", type=int, default=0, help="default: 256 for SmolLM2, 200 for 7b")
@@ -476,7 +491,16 @@ def main() -> None:
         action="store_true",
         help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
     )
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    if a.eagle == "":  # bare --eagle: round costs with a random head
+        a.rounds, a.eagle = True, None
+    elif a.eagle is not None:
+        a.mt_bench = True
+    a.eagle = a.eagle or HEAD
+    return a
+
+
+def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
     global PROFILE_DIR, QUANT, KERNEL, COMPILE_PREFILL, FUSED
     PROFILE_DIR = Path(a.profile) if a.profile else None
     KERNEL, COMPILE_PREFILL, FUSED = a.kernel, a.compile_prefill, a.fused

@@ -202,3 +202,17 @@ def test_bench_main_runs_under_inference_mode(monkeypatch):
     with pytest.raises(SystemExit):
         bench.main()
     assert seen == [True]
+
+
+def test_bench_eagle_flag(monkeypatch):
+    """Issue #3 names `scripts/bench.py --eagle` for per-round costs with a random head; with a head it benchmarks that
+    head on MT-bench (`--rounds` and `--mt-bench` stay as the explicit forms)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench  # noqa: PLC0415
+
+    a = bench.parse_args(["--eagle", "--model", "7b"])
+    assert a.rounds and not a.mt_bench and a.model == ["7b"]
+    a = bench.parse_args(["--eagle", "some/head"])
+    assert a.mt_bench and not a.rounds and a.eagle == "some/head"
+    a = bench.parse_args(["--mt-bench"])
+    assert a.mt_bench and not a.rounds and a.eagle == bench.HEAD
