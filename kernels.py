@@ -149,6 +149,7 @@ if triton is not None:
         if _NO_PTX:
             f = ((w & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
         else:  # one lop3 (a & b | c) with the constant kept in a register; Triton's code takes two, one per immediate
+            # (written out like _int8_float's: Triton 3.6 cannot pass the assembly string to a shared jit helper)
             f = tl.inline_asm_elementwise(
                 asm=f"lop3.b32 $0, $1, {MASK}, 0x3F800000, 0xEA;",
                 constraints="=r,r",
