@@ -25,7 +25,11 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   programs per output block (`_split_sum`, for long rows of few outputs: see SPLIT_MAX_N). For int4, `WORDS`
   configs read 32-bit words and convert them as the one-token kernel does, with one dot per nibble position against
   x's matching columns (about 6 instructions a weight against 7-9 by bytes, yet on an H200 at 26 tokens no faster
-  than bytes except slightly on the 7B w2 with a split: the autotuner picks them only where they are faster).
+  than bytes except slightly on the 7B w2 with a split: the autotuner picks them only where they are faster). Both
+  int4 paths load the weight and x as plain 2-D tiles and regroup them in registers (reshape, `tl.split`,
+  `_every_8th`), so that Triton's pipeliner streams them in ahead with cp.async as it does for bf16 and int8; their
+  earlier 3-D and strided loads were plain loads, never pipelined (found in the SASS after the eighth session's
+  last GPU call: not yet timed).
 - Elsewhere integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for
   0 <= i < 2^23, so an integer add (for int8 a byte permute, `_int8_float`) and a float subtract replace a conversion
   instruction (1/8 rate on Hopper). `scripts/kernel_sass.py` counts what each costs a weight.
@@ -207,13 +211,13 @@ if triton is not None:
         (scale, zero) pair, broadcast over the group's bytes; 0 past K."""
         NG: tl.constexpr = BLOCK_K // GROUP
         HG: tl.constexpr = GROUP // 2
-        rg, rj = tl.arange(0, NG), tl.arange(0, HG)
-        bp = w_ptr + rn[:, None, None] * (K // 2) + (k0 // 2 + rg[:, None] * HG + rj[None, :])[None, :, :]
+        rb = tl.arange(0, BLOCK_K // 2)
+        bp = w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rb)[None, :]
         if EVEN_K:
-            ok = n_ok[:, None, None]
+            ok = n_ok[:, None]
         else:
-            ok = n_ok[:, None, None] & (k0 // GROUP + rg < K // GROUP)[None, :, None]
-        b = tl.load(bp, mask=ok, other=0).to(tl.int32)
+            ok = n_ok[:, None] & (k0 // 2 + rb < K // 2)[None, :]
+        b = tl.reshape(tl.load(bp, mask=ok, other=0), (rn.shape[0], NG, HG)).to(tl.int32)
         s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG, EVEN_K)
         return _as_float(b >> 4, 0, 8) * s + z, _as_float(b & 15, 0, 8) * s + z
 
@@ -321,6 +325,23 @@ if triton is not None:
         else:
             out = tl.dot(x, tl.trans(w), acc)
         return out
+
+    @triton.jit
+    def _every_8th(x, J: tl.constexpr):
+        """Columns J, J + 8, J + 16, ... of x [M, 8 W]: [M, W], by three splits along J's bits (register moves only
+        where a thread holds 8 neighbouring columns, as after a 16-byte load of bf16)."""
+        M: tl.constexpr = x.shape[0]
+        W: tl.constexpr = x.shape[1] // 8
+        a, a1 = tl.split(tl.reshape(x, (M, W, 2, 2, 2)))  # column 8 w + 4 b2 + 2 b1 + b0: split on b0
+        if J % 2 == 1:
+            a = a1
+        b, b1 = tl.split(a)
+        if J // 2 % 2 == 1:
+            b = b1
+        c, c1 = tl.split(b)
+        if J // 4 == 1:
+            c = c1
+        return c
 
     @triton.jit
     def _int4_words(w_ptr, rows, row_ok, kw, KW, EVEN_K: tl.constexpr):
@@ -475,25 +496,20 @@ if triton is not None:
             WG: tl.constexpr = GROUP // 8
             KW = tl.multiple_of(K // 8, 4)
             w32 = w_ptr.to(tl.pointer_type(tl.int32))
-            rw = tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :]
             rf = tl.arange(0, BLOCK_K // 8)
             for k0 in range(k_lo, k_hi, BLOCK_K):
-                wt = _int4_words(w32, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)  # [BLOCK_N, NG, WG]
+                # plain 2-D tiles, which the pipeliner streams in ahead (cp.async), reshaped in registers afterwards
+                wt = tl.reshape(_rows_load(w32, rn, n_ok, k0 // 8 + rf, KW, EVEN_K), (BLOCK_N, NG, WG))
                 s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG, EVEN_K)
                 s16, z24 = 16.0 * s, z - 24.0 * s  # W = (q - 8) s + z = 16 s (1 + q / 16) + z - 24 s
-                kf = k0 // 8 + rf  # words of the chunk, in order: [BLOCK_K / 8]
-                x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (kf < KW)[None, :]
-                for j in tl.static_range(8):  # nibble j of word w is column 8 w + j: x's columns j, j + 8, ...
+                xx = _rows_load(x_ptr, rm, m_ok, k0 + tl.arange(0, BLOCK_K), K, EVEN_K)  # [BLOCK_M, BLOCK_K]
+                for j in tl.static_range(8):  # nibble j of word w is column 8 w + j
                     wj = _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * s16 + z24
-                    xj = tl.load(x_ptr + rm[:, None] * K + (8 * kf + j)[None, :], mask=x_ok, other=0.0)
-                    acc = _dot(xj, tl.reshape(wj.to(dt), (BLOCK_N, BLOCK_K // 8)), acc, SWAP)
+                    acc = _dot(_every_8th(xx, j), tl.reshape(wj.to(dt), (BLOCK_N, BLOCK_K // 8)), acc, SWAP)
         elif QUANT == 2:  # dequantize a chunk (_int4_chunk), then two dots (even, odd); K a multiple of GROUP
-            rb = tl.arange(0, BLOCK_K // 2)
             for k0 in range(k_lo, k_hi, BLOCK_K):
-                xp = x_ptr + rm[:, None] * K + (k0 + 2 * rb)[None, :]
-                x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k0 + 2 * rb < K)[None, :]
-                xe = tl.load(xp, mask=x_ok, other=0.0)
-                xo = tl.load(xp + 1, mask=x_ok, other=0.0)
+                xx = _rows_load(x_ptr, rm, m_ok, k0 + tl.arange(0, BLOCK_K), K, EVEN_K)  # [BLOCK_M, BLOCK_K]
+                xe, xo = tl.split(tl.reshape(xx, (BLOCK_M, BLOCK_K // 2, 2)))
                 we, wo = _int4_chunk(w_ptr, s_ptr, rn, n_ok, k0, K, GROUP, BLOCK_K, EVEN_K)
                 acc = _dot(xe, tl.reshape(we.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
                 acc = _dot(xo, tl.reshape(wo.to(dt), (BLOCK_N, BLOCK_K // 2)), acc, SWAP)
