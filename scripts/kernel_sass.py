@@ -3,6 +3,7 @@ kernel for a given architecture (sm_90 by default) on the CPU, and its bundled n
 
     python scripts/kernel_sass.py --quant int8 --block-n 16 --block-k 512 --warps 4 --stages 2
     python scripts/kernel_sass.py --quant int4 --tokens 26 --block-n 64 --block-k 256 --swap
+    PYTHONPATH=/path/to/triton-3.6 python scripts/kernel_sass.py --all   # does every config compile there?
 
 Batch-1 matmuls should be bound by memory bandwidth; when the int8/int4 conversion costs too many instructions a
 weight, they are bound by instructions issued instead (seventh session: int4 at ~9 instructions a weight ran at a third
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import re
 import subprocess
 import sys
@@ -85,6 +87,33 @@ def inner_loop(compiled) -> list[str]:
     return best
 
 
+def compile_all(arch: int) -> int:
+    """Compile every config of both matmul kernels for every weight format it runs with, K whole and masked, and
+    report those that fail; returns how many failed. With another Triton first on PYTHONPATH (the GPU machine's
+    version: a wheel from PyPI), this catches code that one version compiles and another does not (eighth session:
+    Triton 3.7 took a string passed into a jit helper, 3.6 did not)."""
+    import triton  # noqa: PLC0415
+
+    failed = done = 0
+    for kern, tokens in ((K._gemv_kernel, 1), (K._gemm_kernel, 26)):
+        for c, quant, masked in itertools.product(kern.configs, QUANTS, (False, True)):
+            kw = c.kwargs
+            if kw.get("WORDS") and quant != "int4":
+                continue
+            try:
+                shape = (kw["BLOCK_N"], max(kw["BLOCK_K"], 64), c.num_warps, c.num_stages, 32, bool(kw.get("SWAP")))
+                compile_matmul(quant, tokens, *shape, 64, arch, kw.get("SPLIT", 1), masked, bool(kw.get("WORDS")))
+                done += 1
+            except Exception as e:  # noqa: BLE001
+                failed += 1
+                while e.__cause__ is not None:  # the innermost cause, whose last line says what failed
+                    e = e.__cause__
+                why = [ln.strip() for ln in str(e).splitlines() if any(ch.isalpha() for ch in ln)] or [repr(e)]
+                print(f"FAILS: {kern.fn.fn.__name__} {kw} {quant} masked={masked}: {why[-1][:200]}")
+    print(f"triton {triton.__version__}, sm_{arch}: {done} compiled, {failed} failed")
+    return failed
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quant", choices=list(QUANTS), default="int8")
@@ -100,9 +129,12 @@ def main() -> None:
     p.add_argument("--masked", action="store_true", help="K not a multiple of BLOCK_K: the loads masked on K")
     p.add_argument("--words", action="store_true", help="few-token int4: read 32-bit words (8 dots a chunk)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    p.add_argument("--all", action="store_true", help="only compile every config of both kernels (minutes)")
     a = p.parse_args()
     if K.triton is None:
         sys.exit("error: kernel_sass.py needs triton")
+    if a.all:
+        sys.exit(1 if compile_all(a.arch) else 0)
     block_m = a.block_m or (16 if a.tokens <= 16 else 32 if a.tokens <= 32 else 64)
     try:
         compiled = compile_matmul(a.quant, a.tokens, a.block_n, a.block_k, a.warps, a.stages, block_m, a.swap,
