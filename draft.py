@@ -45,7 +45,7 @@ class EagleHead(nn.Module):
     def setup_cache(self, committed_slots: int, scratch_slots: int) -> None:
         from model import KVCache  # noqa: PLC0415
 
-        a, p = self.args, self.fc.weight
+        a, p = self.args, self.layer.ffn_norm.weight  # a float parameter (fc may hold int8: --draft-quant)
         slots = committed_slots + scratch_slots
         self.layer.attention.kv_cache = KVCache(1, a.n_kv_heads, slots, a.head_dim, p.dtype).to(p.device)
         self.rope = rope_table(a, slots).to(p.device)
@@ -64,7 +64,7 @@ class EagleHead(nn.Module):
         if ids is None:
             self.vocab = self.vocab_rows = None
             return
-        dtype, out = self.fc.weight.dtype, target.output
+        dtype, out = self.layer.ffn_norm.weight.dtype, target.output
         w = out.dequantize(dtype) if hasattr(out, "dequantize") else out.weight  # quantize.py's modules dequantize
         ids = ids.to(device=w.device, dtype=torch.long).sort().values
         self.vocab, self.vocab_rows = ids, w[ids].to(dtype).contiguous()

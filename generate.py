@@ -696,6 +696,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "0 = the whole vocabulary",
     )
     p.add_argument(
+        "--draft-quant",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: the draft head's linears as int8 weights (symmetric per output channel), still lossless: the\n"
+        "target checks every draft. Halves the head's weight reads, which on a 7B-size head are about a fifth of a\n"
+        "round's bytes; tau may drop a little. Not yet measured on a GPU.",
+    )
+    p.add_argument(
         "--tree",
         default="default",
         help="EAGLE draft tree: 'default' (EAGLE-1, 26 tokens), 'chain:K', a JSON file of paths, the dynamic "
@@ -714,6 +722,8 @@ def check_args(a: argparse.Namespace) -> None:
         raise UserError("--num-samples must be at least 1")
     if a.draft_vocab and a.eagle is None:
         raise UserError("--draft-vocab needs --eagle")
+    if a.draft_quant != "none" and a.eagle is None:
+        raise UserError("--draft-quant needs --eagle")
     if a.dtype is not None and a.dtype not in DTYPES:
         raise UserError(f"unknown --dtype {a.dtype!r}; choose one of {', '.join(DTYPES)}")
     if a.device is not None:
@@ -832,6 +842,8 @@ def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
     size = apply_draft_vocab(head, head_dir, a.draft_vocab, model)
     if size:
         log(f"draft vocabulary: the {size} most frequent tokens of the head's training data (--draft-vocab 0: all)")
+    if a.draft_quant == "int8":
+        log(f"draft head: {quantize.quantize_linears_int8(head, model.norm.weight.dtype)} linears as int8")
     if model.norm.weight.device.type == "cuda":
         use_kernels(a.kernels, head)
     log(f"EAGLE head {head_dir}, tree of {tree.N} tokens, depth {tree.D}")

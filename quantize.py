@@ -397,6 +397,23 @@ def swap_linears(model: Transformer, quant: dict) -> Transformer:
     return model
 
 
+def quantize_linears_int8(module: nn.Module, dtype: torch.dtype) -> int:
+    """Every nn.Linear of `module` (the EAGLE head's, for generate.py --draft-quant int8) becomes a
+    WeightOnlyInt8Linear, symmetric per output channel, prepared for the device it is on. Returns how many."""
+    linears = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]
+    for name, lin in linears:
+        q, scales = quantize_int8(lin.weight.detach())
+        new = WeightOnlyInt8Linear(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device)
+        new.weight.copy_(q)
+        new.scales.copy_(scales)
+        if lin.bias is not None:
+            new.bias = lin.bias.detach().to(dtype).clone()
+        new.prepare(dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, new)
+    return len(linears)
+
+
 def prepare_for_device(model: nn.Module, quant: dict, dtype: torch.dtype | None = None) -> nn.Module:
     """After the model is on its device: cast int8 scales to the activation dtype, pack int4 weights for the device.
     dtype defaults to the dtype of the model's first floating parameter (the embedding)."""

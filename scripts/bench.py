@@ -62,6 +62,14 @@ KERNEL = "auto"  # --kernel: "triton" also sends bf16 linears through kernels.py
 
 
 FUSED = True  # --no-fused: keep RMSNorm and the residual add out of the one-token matmul kernels (A/B runs)
+DRAFT_QUANT = "none"  # --draft-quant int8: the EAGLE head's linears as int8 weights (as generate.py --draft-quant)
+
+
+def quantize_head(head: EagleHead) -> None:
+    if DRAFT_QUANT == "int8":
+        import quantize  # noqa: PLC0415
+
+        print(f"--draft-quant int8: {quantize.quantize_linears_int8(head, torch.bfloat16)} head linears", flush=True)
 
 
 def apply_kernel_choice(*modules: torch.nn.Module):
@@ -314,6 +322,7 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
             )
     torch.manual_seed(0)
     head = EagleHead(M.ModelArgs(**{**model.args.to_dict(), "n_layers": 1})).cuda().to(torch.bfloat16).eval()
+    quantize_head(head)
     apply_kernel_choice(head)  # as --mt-bench and generate.py do
     gen = G.EagleGenerator(
         model, head, tree, G.Sampling(), 1024, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=True
@@ -379,6 +388,7 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         "outputs_sha1": outputs_sha1(runs),
     }  # fmt: skip
     head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
+    quantize_head(head)
     res["draft_vocab"] = apply_draft_vocab(head, head_dir, draft_vocab, model) or None
     apply_kernel_choice(head)
     for spec in tree_specs:
@@ -510,6 +520,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "same ones instead of the autotuner's pick of the day (kernels.pin_configs)",
     )
     p.add_argument(
+        "--draft-quant",
+        choices=["none", "int8"],
+        default="none",
+        help="--eagle / --mt-bench: the draft head's linears as int8 weights (as generate.py --draft-quant)",
+    )
+    p.add_argument(
         "--compile-prefill",
         action="store_true",
         help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
@@ -524,8 +540,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
-    global PROFILE_DIR, QUANT, KERNEL, COMPILE_PREFILL, FUSED
+    global PROFILE_DIR, QUANT, KERNEL, COMPILE_PREFILL, FUSED, DRAFT_QUANT
     PROFILE_DIR = Path(a.profile) if a.profile else None
+    DRAFT_QUANT = a.draft_quant
     KERNEL, COMPILE_PREFILL, FUSED = a.kernel, a.compile_prefill, a.fused
     G.set_kernels(a.kernel)
     kernels.TRITON_TOPK = a.triton_topk
@@ -546,6 +563,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
+        "draft_quant": a.draft_quant,
     }  # fmt: skip
     print(json.dumps(res), flush=True)
     if a.linears:

@@ -12,6 +12,7 @@ from conftest import ROOT, make_checkpoint
 import draft as Dr
 import generate as G
 import model as M
+import quantize as Q
 import tree as T
 
 PROMPT = [1, 17, 42, 99, 5, 250, 8]
@@ -508,3 +509,31 @@ def test_kernel_swap_covers_the_heads_biased_fc_and_vocab_logits(tiny_ckpt):
     after = head.logits(model, head(emb, feats, pos, pos, mask))
     assert torch.equal(before, after)
     assert set(head.state_dict()) == set(random_head(args, 3).state_dict())  # saved heads keep their key names
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("spec", ["default", "eagle2:K=3,D=3,N=10"])
+def test_int8_draft_head_stays_lossless(tiny_ckpt, tmp_path, spec):
+    """--draft-quant int8: the head's linears (fc with its bias, the layer's) become int8 modules; the head's features
+    stay close to the float head's, and greedy EAGLE output still equals plain greedy output."""
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    head, ref_head = random_head(args, 3), random_head(args, 3)
+    assert Q.quantize_linears_int8(head, torch.float32) == 5  # fc, wqkv, wo, w13, w2
+    assert not any(type(m) is torch.nn.Linear for m in head.modules())
+    model = load(tiny_ckpt)
+    for h in (head, ref_head):
+        h.setup_cache(16, 0)
+    emb, feats = torch.randn(1, 4, args.dim), torch.randn(1, 4, args.dim)
+    pos, mask = torch.arange(4), torch.ones(1, 1, 4, 16, dtype=torch.bool).tril()
+    got, ref = head(emb, feats, pos, pos, mask), ref_head(emb, feats, pos, pos, mask)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.02
+    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    gen = G.EagleGenerator(model, head, tree, G.Sampling(), 200)
+    for prompt, max_new in [(PROMPT, 30), ([7], 9)]:
+        assert gen.generate(prompt, max_new, set(), True).output_ids == plain_greedy(tiny_ckpt, prompt, max_new)
+    Dr.save_head(random_head(args), tmp_path / "head")
+    r = run_cli("--checkpoint", str(tiny_ckpt), "--eagle", str(tmp_path / "head"), "--draft-quant", "int8",
+                "--prompt", "hi", "--max-new-tokens", "5", "--device", "cpu", "--quiet")  # fmt: skip
+    assert r.returncode == 0 and "linears as int8" in r.stderr, r.stderr
+    r = run_cli("--checkpoint", str(tiny_ckpt), "--draft-quant", "int8", "--max-new-tokens", "4")
+    assert r.returncode != 0 and "--draft-quant needs --eagle" in r.stderr and "Traceback" not in r.stderr
