@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
+import quantize  # noqa: E402
 import tree as T  # noqa: E402
 from draft import apply_draft_vocab, load_head  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -42,12 +43,15 @@ def main() -> None:
         metavar="N",
         help="as generate.py --draft-vocab (default: 16384 where the head has a vocabulary file; 0 = all)",
     )
+    p.add_argument("--draft-quant", choices=["none", "int8"], default="none", help="as generate.py --draft-quant")
     p.add_argument("--out", default=None, help="also write the JSON lines here")
     a = p.parse_args()
     try:
         model = M.load_model(a.checkpoint, device=a.device, dtype=G.DTYPES[a.dtype])
         head = load_head(a.eagle, model.args, a.device, G.DTYPES[a.dtype])
         a.draft_vocab = apply_draft_vocab(head, a.eagle, a.draft_vocab, model)
+        if a.draft_quant == "int8":
+            quantize.quantize_linears_int8(head, G.DTYPES[a.dtype])
         tree = T.parse_dynamic_spec(a.tree) or T.build_tree(T.parse_tree_spec(a.tree))
     except (M.CheckpointError, T.TreeError) as e:
         sys.exit(f"error: {e}")
@@ -71,7 +75,7 @@ def main() -> None:
         lines.append(line)
     summary = {"questions": len(questions), "identical": same, "tau": sum(x["tau"] for x in lines) / len(lines),
                "tokens_per_round": (toks - len(prompts)) / max(rounds, 1), "device": a.device, "dtype": a.dtype,
-               "tree": a.tree, "draft_vocab": a.draft_vocab or None,
+               "tree": a.tree, "draft_vocab": a.draft_vocab or None, "draft_quant": a.draft_quant,
                "plain_tokens_per_s": toks / t_plain, "eagle_tokens_per_s": toks / t_eagle}  # fmt: skip
     print(json.dumps(summary), flush=True)
     if a.out:
