@@ -390,8 +390,7 @@ def swap_linears(model: Transformer, quant: dict) -> Transformer:
             new = WeightOnlyInt8Linear(lin.in_features, lin.out_features, bias=bias, device=dev)
         else:
             new = WeightOnlyInt4Linear(lin.in_features, lin.out_features, g, bias=bias, device=dev)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        model.set_submodule(name, new)
         if name == "output" and getattr(model.args, "tie_embeddings", False):
             model.args.tie_embeddings = False  # load_model then keeps output.* and does not re-tie
     return model
@@ -409,8 +408,7 @@ def quantize_linears_int8(module: nn.Module, dtype: torch.dtype) -> int:
         if lin.bias is not None:
             new.bias = lin.bias.detach().to(dtype).clone()
         new.prepare(dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent), child, new)
+        module.set_submodule(name, new)
     return len(linears)
 
 
