@@ -164,24 +164,32 @@ PROFILE_DIR: Path | None = None
 
 def profile(gen: G.Generator, prompt: list[int], max_new: int, tag: str) -> None:
     """Kernel table of one warm generation (CUDA graphs included) into PROFILE_DIR/<tag>.txt."""
-    if PROFILE_DIR is None:
-        return
+    if PROFILE_DIR is not None:
+        r = kernel_table(lambda: gen.generate(prompt, max_new, set(), ignore_eos=True), tag)
+        steps = r.stats.get("rounds", max(len(r.output_ids) - 1, 1))
+        print(f"{tag}: {len(r.output_ids)} tokens in {steps} steps/rounds, wall {r.seconds * 1e3 / steps:.3f} ms "
+              f"per step/round (profiler on)", flush=True)  # fmt: skip
+
+
+def kernel_table(fn, tag: str, steps: int | None = None):
+    """Run fn once under the profiler; write its GPU kernel table (per step if `steps`) to PROFILE_DIR/<tag>.txt."""
     from torch.profiler import ProfilerActivity  # noqa: PLC0415
 
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        r = gen.generate(prompt, max_new, set(), ignore_eos=True)
+        r = fn()
+        torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = [e for e in events if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
-    steps = r.stats.get("rounds", max(len(r.output_ids) - 1, 1))
+    steps = steps or (r.stats.get("rounds", max(len(r.output_ids) - 1, 1)) if r is not None else 1)
     gpu_busy = sum(e.device_time for e in kernels) / 1e6  # seconds
-    head = (f"{tag}: {len(kernels)} kernels for {len(r.output_ids)} tokens in {steps} steps/rounds "
-            f"({len(kernels) / steps:.1f} per step/round); wall {r.seconds * 1e3 / steps:.3f} ms and "
+    head = (f"{tag}: {len(kernels)} kernels in {steps} steps/rounds ({len(kernels) / steps:.1f} per step/round), "
             f"GPU busy {gpu_busy * 1e3 / steps:.3f} ms per step/round (profiler on)")  # fmt: skip
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
     table += prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=90)
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     (PROFILE_DIR / f"{tag}.txt").write_text(head + "\n" + table)
     print(head, flush=True)
+    return r
 
 
 def cuda_time(fn, iters: int = 50) -> float:
@@ -274,7 +282,7 @@ def bench_linears(models: list[str], tokens=(1, 8, 26, 64)) -> dict:
     return out
 
 
-def bench_rounds(name: str, tree_spec: str) -> dict:
+def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None) -> dict:
     """EAGLE per-round costs with a random head: target forward vs tokens, draft, verification overhead.
 
     The target forward is GPU time alone: 20 calls of the compiled forward (Inductor's kernels and ours, no CUDA graph
@@ -306,6 +314,9 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
     head = EagleHead(M.ModelArgs(**{**model.args.to_dict(), "n_layers": 1})).cuda().to(torch.bfloat16).eval()
     quantize_head(head)
     apply_kernel_choice(head)  # as --mt-bench and generate.py do
+    if draft_vocab:  # a random draft vocabulary of that size: the cost is the same for any ids
+        head.restrict_vocab(torch.randperm(model.args.vocab_size, device="cuda")[:draft_vocab], model)
+    out["draft_vocab"] = draft_vocab or 0
     gen = G.EagleGenerator(
         model, head, tree, G.Sampling(), 1024, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=True
     )
@@ -335,6 +346,10 @@ def bench_rounds(name: str, tree_spec: str) -> dict:
     # waits for the host and the time is the GPU's (issue #3's overhead = this minus the tree forward; the reset's two
     # fills are timed too, a fraction of a microsecond a round).
     out["round_gpu_s"] = cuda_time(lambda: (reset(), *(gen.round() for _ in range(20))), iters=5) / 20
+    if PROFILE_DIR is not None:
+        dv = f"_dv{draft_vocab}" if draft_vocab else ""
+        tag = f"rounds_{name}_{tree_spec.replace(':', '')}_{DRAFT_QUANT}{dv}"
+        kernel_table(lambda: (reset(), [gen.round() for _ in range(20)])[1][-1], tag, steps=20)
     t1, tn = out["target_forward_s"][1], out["target_forward_s"][tree.N]
     out["tree_tokens"] = tree.N
     out["overhead_vs_target_forward"] = (out["round_s"] - tn) / tn
@@ -473,7 +488,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="N",
         help="--mt-bench: draft among the head's N most frequent tokens (as generate.py --draft-vocab: default 16384 "
-        "where the head has a vocabulary file, 0 = all)",
+        "where the head has a vocabulary file, 0 = all); bare --eagle: among N random tokens (default all)",
     )
     switch(
         p,
@@ -560,7 +575,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
             print(json.dumps(r), flush=True)
         if a.rounds:
             for spec in a.tree or ["default"]:
-                r = bench_rounds(name, spec)
+                r = bench_rounds(name, spec, a.draft_vocab)
                 res[f"rounds_{name}_{spec}"] = r
                 print(json.dumps(r), flush=True)
     if a.mt_bench:
