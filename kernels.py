@@ -31,7 +31,7 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   earlier 3-D and strided loads were plain loads, never pipelined (found in the SASS after the eighth session's
   last GPU call: not yet timed).
 - Elsewhere integers become floats by the exponent trick: (i + 0x4B000000) read as float32 is 2^23 + i for
-  0 <= i < 2^23, so an integer add (for int8 a byte permute, `_int8_mant`) and a float subtract replace a conversion
+  0 <= i < 2^23, so an integer add (for int8 a byte permute, `_int8_float`) and a float subtract replace a conversion
   instruction (1/8 rate on Hopper). `scripts/kernel_sass.py` counts what each costs a weight.
 
 Both kernels are autotuned per (N, K, quant[, BLOCK_M]) over a few block shapes on first use, and wrapped as the
@@ -153,7 +153,7 @@ if triton is not None:
         if _NO_PTX:
             f = ((w & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
         else:  # one lop3 (a & b | c) with the constant kept in a register; Triton's code takes two, one per immediate
-            # (written out like _int8_mant's: Triton 3.6 cannot pass the assembly string to a shared jit helper)
+            # (written out like _int8_float's: Triton 3.6 cannot pass the assembly string to a shared jit helper)
             f = tl.inline_asm_elementwise(
                 asm=f"lop3.b32 $0, $1, {MASK}, 0x3F800000, 0xEA;",
                 constraints="=r,r",
@@ -165,18 +165,17 @@ if triton is not None:
         return f
 
     @triton.jit
-    def _int8_mant(w):
-        """int8 w (q) as float32 1 + (q + 128) / 2^15, exact: four weights per 32-bit register, one xor for the four
-        (q + 128, 0..255) and one byte permute each into bits 8-15 of 1.0 (`prmt`). The one-token kernel multiplies
-        this by x as it is and takes sum(x) out once at the end (no subtract a weight); f * 32768 - 32896 (one FFMA)
-        gives q exactly. The interpreter has no PTX: there the same by integer arithmetic."""
+    def _int8_float(w):
+        """int8 w as float32 q + 2^23 + 128 (subtract 8388736.0 for q): four weights per 32-bit register, one xor for
+        the four (q + 128, 0..255) and one byte permute each into the low byte of 2^23 (`prmt`), where Triton's own
+        code takes a permute, an add and more. The interpreter has no PTX: there the same by integer arithmetic."""
         if _NO_PTX:
-            f = (((w.to(tl.int32) + 128) << 8) | 0x3F800000).to(tl.float32, bitcast=True)
+            f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
         else:
             f = tl.inline_asm_elementwise(
-                asm="{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x3F800000, 0x7604; "
-                "prmt.b32 $1, t, 0x3F800000, 0x7614; prmt.b32 $2, t, 0x3F800000, 0x7624; "
-                "prmt.b32 $3, t, 0x3F800000, 0x7634; }",
+                asm="{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
+                "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
+                "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
                 constraints="=r,=r,=r,=r,r",
                 args=[w],
                 dtype=tl.float32,
@@ -301,6 +300,17 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _w_tile(w_ptr, rows, row_ok, kk, K, QUANT: tl.constexpr, EVEN_K: tl.constexpr):
+        """Rows `rows`, columns kk of a bf16/fp16 (quant 0) or int8 (quant 1, unscaled) weight [N, K] as float32;
+        0 past K unless EVEN_K."""
+        w = _rows_load(w_ptr, rows, row_ok, kk, K, EVEN_K)
+        if QUANT == 1:
+            w = _int8_float(w) - 8388736.0  # (masked entries: 0 -> 0 here)
+        else:
+            w = w.to(tl.float32)
+        return w
+
+    @triton.jit
     def _dot(x, w, acc, SWAP: tl.constexpr):
         """acc + x @ w.T ([BLOCK_M, BLOCK_N]), or with SWAP acc + w @ x.T ([BLOCK_N, BLOCK_M]): the converted weight
         tile as tl.dot's first operand, which the tensor cores can take from registers, and the few tokens as its N
@@ -416,22 +426,14 @@ if triton is not None:
             rk = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            xs = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
                 xk = _load_x(x_ptr, kk, K, GATED, EVEN_K)
                 if NORM:
                     ss += xk * xk
                     xk = xk * _load_x(g_ptr, kk, K, False, EVEN_K)
-                if QUANT == 1:  # sum of (1 + (q + 128) / 2^15) x: a permute and an FFMA a weight (_int8_mant)
-                    acc += _int8_mant(_rows_load(w_ptr, rn, n_ok, kk, K, EVEN_K)) * xk[None, :]
-                    xs += xk
-                else:
-                    acc += _rows_load(w_ptr, rn, n_ok, kk, K, EVEN_K).to(tl.float32) * xk[None, :]
+                acc += _w_tile(w_ptr, rn, n_ok, kk, K, QUANT, EVEN_K) * xk[None, :]
             y = tl.sum(acc, axis=1)
-            if QUANT == 1:  # sum(q x) = 2^15 (sum(f x) - sum(x)) - 128 sum(x)
-                x_sum = tl.sum(xs, axis=0)
-                y = 32768.0 * (y - x_sum) - 128.0 * x_sum
             sum_sq = tl.sum(ss, axis=0)
         if QUANT == 1:
             y = y * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -514,7 +516,7 @@ if triton is not None:
                 w = _rows_load(w_ptr, rn, n_ok, kk, K, EVEN_K)  # as stored: tl.dot takes bf16 / fp16 directly
                 x = _rows_load(x_ptr, rm, m_ok, kk, K, EVEN_K)
                 if QUANT == 1:
-                    w = _int8_mant(w) * 32768.0 - 32896.0  # q, exactly
+                    w = _int8_float(w) - 8388736.0
                 acc = _dot(x, w.to(dt), acc, SWAP)
         if SWAP:
             acc = tl.trans(acc)
