@@ -282,7 +282,7 @@ def bench_linears(models: list[str], tokens=(1, 8, 26, 64)) -> dict:
     return out
 
 
-def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None) -> dict:
+def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, sizes=(1, 8, 26, 64)) -> dict:
     """EAGLE per-round costs with a random head: target forward vs tokens, draft, verification overhead.
 
     The target forward is GPU time alone: 20 calls of the compiled forward (Inductor's kernels and ours, no CUDA graph
@@ -299,7 +299,7 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None) -> d
     tree = T.build_tree(T.parse_tree_spec(tree_spec))
     model.setup_caches(1, T_)
     fwd = torch.compile(lambda m, tok, pos, slots, mask: m(tok, pos, slots, mask), fullgraph=True, dynamic=False)
-    for n in sorted({1, 8, 26, 64, tree.N}):
+    for n in sorted({1, *sizes, tree.N}):  # each size compiles a forward of its own (~30 s)
         chain = (
             T.build_tree(T.parse_tree_spec(f"chain:{n - 1}")) if n > 1 else None
         )  # the cost is the same for any tree
@@ -456,6 +456,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tree", action="append", help="tree specs for --rounds / --mt-bench (default: default)")
     p.add_argument("--prompts", type=int, default=80, help="MT-bench questions to use")
+    p.add_argument(
+        "--forward-tokens",
+        type=lambda v: tuple(int(t) for t in v.split(",")),
+        default=(1, 8, 26, 64),
+        metavar="N,N,...",
+        help="--eagle/--rounds: token counts to time the target forward at (default 1,8,26,64; the tree's own size and "
+        "1 are always timed; each costs a compile, ~30 s)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=0, help="default: 256 for SmolLM2, 200 for 7b")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--profile", default=None, metavar="DIR", help="write kernel tables of warm runs here")
@@ -575,7 +583,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
             print(json.dumps(r), flush=True)
         if a.rounds:
             for spec in a.tree or ["default"]:
-                r = bench_rounds(name, spec, a.draft_vocab)
+                r = bench_rounds(name, spec, a.draft_vocab, a.forward_tokens)
                 res[f"rounds_{name}_{spec}"] = r
                 print(json.dumps(r), flush=True)
     if a.mt_bench:
