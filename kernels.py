@@ -13,8 +13,10 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   chunks are dependent steps, so for small K few and wide ones win: a last, partial chunk is masked (K = 576 in one
   chunk of 1024 rather than nine of 64; int4 masks whole groups, so the 7B shape's K = 11008 = 43 x 256 may take
   chunks of 512, not 256: 20.1 -> 15.9 us on an H200).
-  Here the int8 and int4 kernels are bound by instructions issued, not bytes (`scripts/kernel_sass.py` counts them:
-  bf16 3.4 a weight, int8 4.2, int4 6.8). int4 is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by
+  Here the int4 kernel is bound by instructions issued, not bytes (`scripts/kernel_sass.py` counts them: bf16 3.4 a
+  weight, int8 4.2, int4 6.8). int8 is not: with 4.2 -> 3.1 instructions a weight (no subtract a weight; ninth
+  session, commit 757e294) the 7B shapes took the same time on an H200 (116.0 vs 116.6 us for the five matmuls), at
+  2.6-3.3 TB/s against bf16's ~3.5. int4 is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by
   a shift and one and-or into a float's mantissa (`_mant`), the group's scale and zero are applied once per word, and
   bf16 x is read four at a time as int64 (`_bf16_of`): 8.8 -> 6.8 instructions a weight, 1.0-1.7x faster on the 7B
   shapes, on par with tinygemm except where N = 4096. (Block shapes that give a thread several rows, so that each x
