@@ -702,7 +702,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="int8: the draft head's linears as int8 weights (symmetric per output channel), still lossless: the\n"
         "target checks every draft. Halves the head's weight reads, which on a 7B-size head are about a fifth of a\n"
         "round's bytes. Measured: on the 7B shape (H200, random head), with a draft vocabulary of 8192 as well,\n"
-        "what a round adds to its tree forward went 1.41 -> 0.98 ms (31% -> 23%); the shipped SmolLM2 head's tau\n"
+        "what a round adds to its tree forward went 1.41 -> 0.98 ms (31%% -> 23%%); the shipped SmolLM2 head's tau\n"
         "2.90 -> 2.86 (CPU, fp32, 10 MT-bench questions).",
     )
     p.add_argument(
