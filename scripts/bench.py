@@ -165,14 +165,19 @@ PROFILE_DIR: Path | None = None
 def profile(gen: G.Generator, prompt: list[int], max_new: int, tag: str) -> None:
     """Kernel table of one warm generation (CUDA graphs included) into PROFILE_DIR/<tag>.txt."""
     if PROFILE_DIR is not None:
-        r = kernel_table(lambda: gen.generate(prompt, max_new, set(), ignore_eos=True), tag)
-        steps = r.stats.get("rounds", max(len(r.output_ids) - 1, 1))
-        print(f"{tag}: {len(r.output_ids)} tokens in {steps} steps/rounds, wall {r.seconds * 1e3 / steps:.3f} ms "
-              f"per step/round (profiler on)", flush=True)  # fmt: skip
+        r = kernel_table(lambda: gen.generate(prompt, max_new, set(), ignore_eos=True), tag, steps_of)
+        print(f"{tag}: {len(r.output_ids)} tokens, wall {r.seconds * 1e3 / steps_of(r):.3f} ms per step/round "
+              f"(profiler on)", flush=True)  # fmt: skip
 
 
-def kernel_table(fn, tag: str, steps: int | None = None):
-    """Run fn once under the profiler; write its GPU kernel table (per step if `steps`) to PROFILE_DIR/<tag>.txt."""
+def steps_of(r: G.Result) -> int:
+    """Decoding steps (plain) or rounds (EAGLE) of a generation."""
+    return r.stats.get("rounds", max(len(r.output_ids) - 1, 1))
+
+
+def kernel_table(fn, tag: str, steps):
+    """Run fn once under the profiler; write its GPU kernel table, per step (steps(fn's result) of them), to
+    PROFILE_DIR/<tag>.txt. Returns fn's result."""
     from torch.profiler import ProfilerActivity  # noqa: PLC0415
 
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -180,10 +185,10 @@ def kernel_table(fn, tag: str, steps: int | None = None):
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = [e for e in events if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
-    steps = steps or (r.stats.get("rounds", max(len(r.output_ids) - 1, 1)) if r is not None else 1)
+    n = steps(r)
     gpu_busy = sum(e.device_time for e in kernels) / 1e6  # seconds
-    head = (f"{tag}: {len(kernels)} kernels in {steps} steps/rounds ({len(kernels) / steps:.1f} per step/round), "
-            f"GPU busy {gpu_busy * 1e3 / steps:.3f} ms per step/round (profiler on)")  # fmt: skip
+    head = (f"{tag}: {len(kernels)} kernels in {n} steps/rounds ({len(kernels) / n:.1f} per step/round), "
+            f"GPU busy {gpu_busy * 1e3 / n:.3f} ms per step/round (profiler on)")  # fmt: skip
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
     table += prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=90)
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
@@ -342,14 +347,19 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, size
     out["draft_s"] = cuda_time(draft)
     out["verify_s"] = cuda_time(verify)
     out["round_s"] = cuda_time(both)
-    # The round as decoding runs it: one CUDA graph (gen.round), 20 replays launched back to back, so the GPU never
-    # waits for the host and the time is the GPU's (issue #3's overhead = this minus the tree forward; the reset's two
-    # fills are timed too, a fraction of a microsecond a round).
-    out["round_gpu_s"] = cuda_time(lambda: (reset(), *(gen.round() for _ in range(20))), iters=5) / 20
+
+    def rounds20():
+        """The round as decoding runs it: one CUDA graph (gen.round), 20 replays launched back to back, so the GPU
+        never waits for the host and the time is the GPU's (issue #3's overhead = this minus the tree forward; the
+        reset's two fills are timed too, a fraction of a microsecond a round)."""
+        reset()
+        for _ in range(20):
+            gen.round()
+
+    out["round_gpu_s"] = cuda_time(rounds20, iters=5) / 20
     if PROFILE_DIR is not None:
         dv = f"_dv{draft_vocab}" if draft_vocab else ""
-        tag = f"rounds_{name}_{tree_spec.replace(':', '')}_{DRAFT_QUANT}{dv}"
-        kernel_table(lambda: (reset(), [gen.round() for _ in range(20)])[1][-1], tag, steps=20)
+        kernel_table(rounds20, f"rounds_{name}_{tree_spec.replace(':', '')}_{DRAFT_QUANT}{dv}", lambda _: 20)
     t1, tn = out["target_forward_s"][1], out["target_forward_s"][tree.N]
     out["tree_tokens"] = tree.N
     out["overhead_vs_target_forward"] = (out["round_s"] - tn) / tn
