@@ -53,8 +53,12 @@ class EagleHead(nn.Module):
 
     def forward(self, emb: Tensor, feats: Tensor, input_pos: Tensor, cache_pos: Tensor, mask: Tensor) -> Tensor:
         # emb, feats: [1, S, D]; input_pos, cache_pos: [S]; mask: [1, 1, S, slots] -> predicted features [1, S, D]
+        return self.step(emb, feats, self.rope[input_pos], cache_pos, mask)
+
+    def step(self, emb: Tensor, feats: Tensor, rope: Tensor, cache_pos: Tensor, mask: Tensor) -> Tensor:
+        """forward with the RoPE rows rope [S, 2, hd] given instead of the positions."""
         x = self.fc(torch.cat([emb, feats], dim=-1))
-        return self.layer(x, self.rope[input_pos], cache_pos, mask)
+        return self.layer(x, rope, cache_pos, mask)
 
     def restrict_vocab(self, ids: Tensor | None, target: Transformer) -> None:
         """Draft only among the tokens `ids` [V'] (EAGLE-3's draft vocabulary): each draft step's LM-head product and
@@ -96,13 +100,15 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
     n [1]: the pairs (f_{L-n+j}, t_{L-n+j+1}) for j < n. Rows j >= n are padding; they land in slots >= L, which the
     next round overwrites before anything attends to them.
     """
-    committed = torch.arange(head.committed_slots, device=tokens.device) < L  # [committed slots]
+    R = tokens.size(0)
+    rope, slots, mask = round_inputs(head, L, n, R, tree.fed_depth, tree.fed_ancestors)
     # 1) Catch-up: the root's predicted feature, and its top-K children.
-    prev_feats, root = catch_up(head, target, L, tokens, feats, n)
+    prev_feats, root = catch_up(head, target, tokens, feats, n, rope, slots, mask)
     prev_ids = head.token_ids(top_k(head.logits(target, prev_feats), tree.K)[1]).flatten()  # [K]
 
-    # 2) Expansion: at step d the depth-d nodes that have children are fed at position L+d-1, each with its parent's
-    #    predicted feature, into its own scratch slot; it sees the committed prefix and its scratch ancestors.
+    # 2) Expansion: at step d the depth-d nodes that have children (tree.fed[d]) are fed at position L+d-1, each with
+    #    its parent's predicted feature, into a scratch slot of its own; each sees the committed prefix and its scratch
+    #    ancestors. Their rows of the round's tables: R + tree.fed_start[d] ...
     node_tokens = [root]  # per depth, in node order
     for d in range(1, tree.D + 1):
         lo, hi = tree.depth_start[d], tree.depth_start[d + 1]
@@ -111,25 +117,39 @@ def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, toke
         if d == tree.D:
             break
         fed = tree.fed[d]  # [F]
-        F_ = fed.size(0)
         x_tok = depth_tokens[fed - lo]  # [F]
         x_feat = prev_feats[tree.parent_row[fed]]  # [F, D]
-        scratch = head.committed_slots + fed - 1  # [F]
-        mask = torch.cat([committed[None].expand(F_, -1), tree.ancestors[fed, 1:]], dim=1)  # [F, slots]
-        pos_d = (L + d - 1).expand(F_)
-        y = head(target.tok_embeddings(x_tok)[None], x_feat[None], pos_d, scratch, mask[None, None])[0]  # [F, D]
-        prev_feats = y
-        prev_ids = head.token_ids(top_k(head.logits(target, y), tree.K)[1]).flatten()  # [F * K]
+        a, b = R + tree.fed_start[d], R + tree.fed_start[d + 1]
+        y = head.step(target.tok_embeddings(x_tok)[None], x_feat[None], rope[a:b], slots[a:b], mask[None, None, a:b])
+        prev_feats = y[0]  # [F, D]
+        prev_ids = head.token_ids(top_k(head.logits(target, prev_feats), tree.K)[1]).flatten()  # [F * K]
     return torch.cat(node_tokens)
 
 
-def catch_up(head: EagleHead, target: Transformer, L: Tensor, tokens: Tensor, feats: Tensor, n: Tensor):
-    """Forward over the accepted pairs at positions/slots L-n .. L-n+R-1 (causal). Returns the predicted feature of
-    the root [1, D] and the root token [1]."""
-    R, dev = tokens.size(0), tokens.device
-    slots = torch.arange(head.rope.size(0), device=dev)  # [slots]
-    pos = L - n + torch.arange(R, device=dev)  # [R]
-    y = head(target.tok_embeddings(tokens)[None], feats[None], pos, pos, (slots[None] <= pos[:, None])[None, None])
+def round_inputs(head: EagleHead, L: Tensor, n: Tensor, R: int, depth: Tensor,
+                 step_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The RoPE rows [R + F, 2, hd], cache slots [R + F] and masks [R (+ F), slots] of all of a round's head passes,
+    made once a round (kernels.layer_inputs: each pass then takes a slice, so the compiled round spends no kernels per
+    pass on them). Row j < R: catch-up pair j, at position and slot L-n+j, causal. Row R+i: expanded node i, at
+    position L+depth[i]-1 in scratch slot committed+i, seeing the committed prefix and the scratch rows step_mask[i]
+    [scratch slots] marks; step_mask None: the caller makes the expansion masks (EAGLE-2)."""
+    dev, C, F = L.device, head.committed_slots, depth.size(0)
+    catch = L - n + torch.arange(R, device=dev)  # [R]
+    pos = torch.cat([catch, L - 1 + depth])  # [R + F]
+    cache = torch.cat([catch, C + torch.arange(F, device=dev)])  # [R + F]
+    slots = torch.arange(head.rope.size(0), device=dev)
+    mask = slots[None] <= catch[:, None]  # [R, slots]
+    if step_mask is not None:
+        mask = torch.cat([mask, torch.cat([(slots[:C] < L)[None].expand(F, -1), step_mask], dim=1)])
+    return kernels.layer_inputs(head.rope, pos, cache, mask)
+
+
+def catch_up(head: EagleHead, target: Transformer, tokens: Tensor, feats: Tensor, n: Tensor, rope: Tensor,
+             slots: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Forward over the accepted pairs (rows 0..R-1 of round_inputs' tables). Returns the predicted feature of the
+    root [1, D] and the root token [1]."""
+    R = tokens.size(0)
+    y = head.step(target.tok_embeddings(tokens)[None], feats[None], rope[:R], slots[:R], mask[None, None, :R])
     last = (n - 1).reshape(1)  # index of the root's pair: [1]
     return y[0].index_select(0, last), tokens.index_select(0, last)
 
@@ -144,9 +164,11 @@ def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, 
     frontier rows it descends from. Every child of every expanded node is a candidate; tree_from_candidates keeps the
     N-1 best.
     """
-    K, dev = tree.K, tokens.device
+    K, R, dev = tree.K, tokens.size(0), tokens.device
     committed = (torch.arange(head.committed_slots, device=dev) < L)[None].expand(K, -1)  # [K, committed]
-    root_feat, root = catch_up(head, target, L, tokens, feats, n)
+    depth = torch.arange(1, tree.D, device=dev).repeat_interleave(K)  # step i's K frontier rows are at depth i
+    rope, slots, mask = round_inputs(head, L, n, R, depth, None)
+    root_feat, root = catch_up(head, target, tokens, feats, n, rope, slots, mask)
     f_score, f_tok = (t[0] for t in top_logp(head.logits(target, root_feat), K))  # the frontier: [K]
     f_tok = head.token_ids(f_tok)
     f_feat, f_cand = root_feat.expand(K, -1), torch.arange(K, device=dev)  # parent feature, candidate index
@@ -156,9 +178,9 @@ def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, 
     for i in range(1, tree.D):
         f_anc = f_anc.clone()
         f_anc[rows, (i - 1) * K + rows] = True  # each row sees itself
-        scratch = head.committed_slots + (i - 1) * K + rows
-        mask = torch.cat([committed, f_anc], dim=1)[None, None]  # [1, 1, K, slots]
-        y = head(target.tok_embeddings(f_tok)[None], f_feat[None], (L + i - 1).expand(K), scratch, mask)[0]  # [K, D]
+        a = R + (i - 1) * K
+        seen = torch.cat([committed, f_anc], dim=1)[None, None]  # [1, 1, K, slots]
+        y = head.step(target.tok_embeddings(f_tok)[None], f_feat[None], rope[a : a + K], slots[a : a + K], seen)[0]
         logp, ids = top_logp(head.logits(target, y), K)  # children of each frontier row: [K, K]
         ids = head.token_ids(ids)
         cu = (f_score[:, None] + logp).flatten()  # cumulative log-probability: [K*K]
@@ -178,27 +200,35 @@ def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, 
 def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """torch.topk(x, k) over a vocabulary-sized last dim (values and indices, sorted), as two passes: the top k of
     each chunk of at most 1024 entries, then the top k of those. On CUDA torch.topk runs a multi-block radix select
-    (about 9 launches) for a few long rows but a one-block kernel per row for many short ones, so this takes ~4
-    launches per draft step. Same values; among equal values it may pick other indices."""
-    V = x.size(-1)
-    chunk = min(V & -V, 1024)  # the largest power of two dividing V, at most 1024
-    if chunk < 128 or V // chunk < 2 or k > chunk:
-        return torch.topk(x, k, dim=-1)
-    if kernels.TRITON_TOPK and kernels.available(x) and k <= 16:  # first pass in one Triton launch (TRITON_TOPK)
-        v1, i1 = kernels.chunk_topk(x.reshape(-1, V).contiguous(), k, chunk)  # [rows, V/chunk, k]
-        v1, i1 = v1.view(*x.shape[:-1], V // chunk, k), i1.view(*x.shape[:-1], V // chunk, k)
-    else:
-        v1, i1 = torch.topk(x.unflatten(-1, (V // chunk, chunk)), k, dim=-1, sorted=False)  # [..., V/chunk, k]
-        i1 = i1 + torch.arange(0, V, chunk, device=x.device)[:, None]
-    v2, i2 = torch.topk(v1.flatten(-2), k, dim=-1)  # [..., k]
-    return v2.to(x.dtype), i1.flatten(-2).gather(-1, i2)
+    (about 9 launches) for a few long rows but a one-block kernel per row for many short ones, so this takes 3
+    launches per draft step, and one where kernels.chunk_topk does both passes (TRITON_TOPK). Same values; among
+    equal values it may pick other indices."""
+    return _top_k(x, k, lse=False)[:2]
 
 
 def top_logp(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k most likely tokens of each row and their float32 log-probabilities: top_k of the logits minus the row's
     logsumexp (log_softmax is monotone), without writing out a [rows, V] log-softmax."""
-    v, i = top_k(logits, k)
-    return v.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True), i
+    v, i, lse = _top_k(logits, k, lse=True)
+    return v.float() - lse, i
+
+
+def _top_k(x: Tensor, k: int, lse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(top_k values in x's dtype, indices, and with lse the rows' float32 logsumexp [..., 1], else None)."""
+    V = x.size(-1)
+    chunk = min(V & -V, 1024)  # the largest power of two dividing V, at most 1024
+    fits = k <= 16 and 128 <= chunk < V and x.numel() // V <= kernels.TOPK_MAX_ROWS
+    if kernels.TRITON_TOPK and kernels.available(x) and fits:  # both passes in one Triton launch
+        v, i, s = kernels.chunk_topk(x.reshape(-1, V).contiguous(), k, chunk, lse)  # [rows, k], [rows, k], [rows]
+        shape = (*x.shape[:-1], k)
+        return v.view(shape).to(x.dtype), i.view(shape), s.view(*x.shape[:-1], 1) if lse else None
+    s = torch.logsumexp(x.float(), dim=-1, keepdim=True) if lse else None
+    if chunk < 128 or V // chunk < 2 or k > chunk:
+        return (*torch.topk(x, k, dim=-1), s)
+    v1, i1 = torch.topk(x.unflatten(-1, (V // chunk, chunk)), k, dim=-1, sorted=False)  # [..., V/chunk, k]
+    i1 = i1 + torch.arange(0, V, chunk, device=x.device)[:, None]
+    v2, i2 = torch.topk(v1.flatten(-2), k, dim=-1)  # [..., k]
+    return v2, i1.flatten(-2).gather(-1, i2), s
 
 
 class HeadError(CheckpointError):

@@ -431,14 +431,16 @@ class EagleGenerator(Generator):
         self.state = EagleState(R, N, model.args.dim, self.device, model.norm.weight.dtype)
         if isinstance(tree, DynamicTree):
             self.tree = tree
-            head.setup_cache(self.max_seq_length, (tree.D - 1) * tree.K)  # one scratch row per expanded node
+            S = (tree.D - 1) * tree.K  # one scratch slot per expanded node
+            head.setup_cache(self.max_seq_length, S)
         else:
             self.tree = tree.to(self.device)
             for t in self.tree.static_tensors():  # constant inputs: CUDA graphs need not copy them in each round
                 torch._dynamo.mark_static_address(t)
             for name in ("parent", "depth", "ancestors", "path_nodes"):  # the verification reads the state's copy
                 getattr(self.state, name).copy_(getattr(self.tree, name))
-            head.setup_cache(self.max_seq_length, N - 1)  # one scratch row per tree node
+            S = self.tree.fed_depth.numel()  # one scratch slot per expanded node
+            head.setup_cache(self.max_seq_length, S)
         self.draft = compile_step(eagle_draft, self.device) if compile else eagle_draft
         self.verify = compile_step(eagle_verify, self.device) if compile else eagle_verify
         # One CUDA graph per round (1.28x faster than two on SmolLM2, BENCHMARKS.md); split_timing runs the draft and
@@ -759,7 +761,7 @@ def run(a: argparse.Namespace) -> None:
         raise UserError("--kernels triton needs a CUDA device, --dtype bfloat16 or float16 and the triton package")
     kernels.set_pdl(a.pdl and device.type == "cuda" and a.kernels != "torch")
     kernels.FEW_ATTENTION = a.kernels != "torch"  # two Triton kernels for attention over a few tokens (CUDA only)
-    kernels.TRITON_TOPK = a.kernels != "torch"  # the draft's top-k first pass in one Triton kernel (CUDA only)
+    kernels.TRITON_TOPK = a.kernels != "torch"  # the draft's top-k in one Triton kernel (CUDA only)
     t0 = time.perf_counter()
     set_kernels(a.kernels if device.type == "cuda" else "auto")
     model = load_model(a.checkpoint, device=device, dtype=dtype)

@@ -44,8 +44,10 @@ projection, for one token where K >= FUSE_MIN_K.
 
 More custom ops cut launches elsewhere: `rope_and_cache` (RoPE on q and k, k and v into their cache slots: one
 kernel per layer instead of three), `few_token_attention` (attention of 1-64 query tokens in two kernels instead of
-four or five), `layer_inputs` (positions, RoPE rows and mask made once per forward, not per layer) and `copy_rows` (an
-accepted EAGLE path's KV rows moved down in every layer with one launch instead of one per cache tensor). With `PDL`
+four or five), `layer_inputs` (positions, RoPE rows and mask made once per forward or EAGLE draft round, in one
+launch, not per layer or draft step), `chunk_topk` (the draft's top-k and logsumexp over the vocabulary in one launch
+instead of three to five) and `copy_rows` (an accepted EAGLE path's KV rows moved down in every layer with one launch
+instead of one per cache tensor). With `PDL`
 every kernel here is launched so that its launch overlaps the end of the kernel before it (`set_pdl`).
 The tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
@@ -543,6 +545,7 @@ if triton is not None:
 # gained nothing from a split there, so the GEMV has none.
 MAX_SPLIT = 8  # the most programs a split config puts on one output block (the configs' SPLIT)
 SPLIT_MAX_N, SPLIT_MIN_K = 8192, 2048  # where split configs are tried; SmolLM2's matmuls (K <= 1536) never are
+TOPK_COUNTER, TOPK_MAX_ROWS = SPLIT_MAX_N, 1024  # chunk_topk's counters (one a row), after the split ones
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
@@ -551,12 +554,14 @@ def split_allowed(n: int, k: int) -> bool:
     return n <= SPLIT_MAX_N and k >= SPLIT_MIN_K
 
 
-def _counters(device: torch.device) -> Tensor:
-    """The split configs' per-block counters on this device: zeroed once, then left at zero by every call."""
+def counters(device: torch.device) -> Tensor:
+    """The split configs' per-block counters and chunk_topk's on this device: zeroed once, then left at zero by every
+    call. Made where no CUDA graph is being recorded or warmed up (model.Transformer.setup_caches calls this): made
+    inside the warm-up of torch's CUDA graph trees, they would live in its memory pool, which it refuses."""
     if device not in _COUNTERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("kernels.wmm: call it once outside CUDA-graph capture first (counters, autotuning)")
-        _COUNTERS[device] = torch.zeros(SPLIT_MAX_N, dtype=torch.int32, device=device)
+            raise RuntimeError("kernels.counters: make them outside CUDA-graph capture first (setup_caches does)")
+        _COUNTERS[device] = torch.zeros(SPLIT_MAX_N + TOPK_MAX_ROWS, dtype=torch.int32, device=device)
     return _COUNTERS[device]
 
 
@@ -616,7 +621,7 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
         if split_allowed(n, k):  # the autotuner may pick a split config: room for its parts, and the counters
-            ws, cnt = torch.empty(MAX_SPLIT, m, n, dtype=torch.float32, device=x.device), _counters(x.device)
+            ws, cnt = torch.empty(MAX_SPLIT, m, n, dtype=torch.float32, device=x.device), counters(x.device)
         else:
             ws = cnt = y  # never read
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -737,9 +742,37 @@ def rope_and_cache(qkv: Tensor, rope: Tensor, cache_pos: Tensor, k_cache: Tensor
     return _rope_cache(qkv.reshape(S, -1).contiguous(), rope.contiguous(), cache_pos, k_cache, v_cache, n_heads)[None]
 
 
+if triton is not None:
+
+    @triton.jit
+    def _layer_inputs_kernel(table_ptr, ipos_ptr, cpos_ptr, mask_ptr, rope_ptr, pos_ptr, out_mask_ptr, T,
+                             ROW: tl.constexpr, ROW_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                             PDL: tl.constexpr):  # fmt: skip
+        """Program s: table row input_pos[s] (ROW values) to rope[s], cache_pos[s] to pos[s], mask row s (T bytes)."""
+        _pdl_start(PDL)
+        s = tl.program_id(0)
+        r = tl.arange(0, ROW_PAD)
+        row = tl.load(ipos_ptr + s).to(tl.int64)
+        tl.store(rope_ptr + s * ROW + r, tl.load(table_ptr + row * ROW + r, mask=r < ROW), mask=r < ROW)
+        tl.store(pos_ptr + s, tl.load(cpos_ptr + s))
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tl.store(out_mask_ptr + s * T + t, tl.load(mask_ptr + s * T + t, mask=t < T), mask=t < T)
+
+
 @torch.library.custom_op("llmgen::layer_inputs", mutates_args=())
 def _layer_inputs(table: Tensor, input_pos: Tensor, cache_pos: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return table[input_pos], cache_pos.clone(), mask.clone()
+    if not (table.is_cuda or INTERPRET) or triton is None:
+        return table[input_pos], cache_pos.clone(), mask.clone()
+    S, T = input_pos.size(0), mask.size(-1)  # mask [..., S, T]
+    rope = table.new_empty(S, *table.shape[1:])
+    pos, out_mask = torch.empty_like(cache_pos), torch.empty_like(mask)
+    row = table[0].numel()
+    bytes_in, bytes_out = mask.contiguous().view(torch.uint8), out_mask.view(torch.uint8)
+    _layer_inputs_kernel[(S,)](table, input_pos.contiguous(), cache_pos.contiguous(), bytes_in, rope, pos, bytes_out, T,
+                               ROW=row, ROW_PAD=triton.next_power_of_2(row), BLOCK_T=1024, PDL=PDL,
+                               launch_pdl=PDL)  # fmt: skip
+    return rope, pos, out_mask
 
 
 @_layer_inputs.register_fake
@@ -748,10 +781,13 @@ def _(table, input_pos, cache_pos, mask):
 
 
 def layer_inputs(table: Tensor, input_pos: Tensor, cache_pos: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(table[input_pos], cache_pos, mask) as buffers of their own, made once per forward, for every layer's
-    `rope_and_cache` and `few_token_attention`. Under torch.compile an opaque op's inputs are materialized for each
-    call, so without this the positions (computed in the compiled EAGLE round, e.g. L + arange(N)), the RoPE rows and
-    the mask were made again in every layer: one extra kernel per layer. On CPU (neither op runs) the plain gather."""
+    """(table[input_pos], cache_pos, mask) as buffers of their own, made once per forward (or per EAGLE draft round,
+    draft.round_inputs), in one launch, for every layer's `rope_and_cache` and `few_token_attention`. Under
+    torch.compile an opaque op's inputs are materialized for each call, so without this the positions (computed in the
+    compiled EAGLE round, e.g. L + arange(N)), the RoPE rows and the mask were made again in every layer: one extra
+    kernel per layer. Writing them into buffers does not help: functionalization turns the copy back into the
+    expression, which Inductor computes again for each reader (tenth session). On CPU (neither op runs) the plain
+    gather."""
     if not table.is_cuda or triton is None:
         return table[input_pos], cache_pos, mask
     return _layer_inputs(table, input_pos, cache_pos, mask)
@@ -874,47 +910,96 @@ def few_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor
 if triton is not None:
 
     @triton.jit
-    def _chunk_topk_kernel(x_ptr, v_ptr, i_ptr, V, K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    def _topk_merge(pv_ptr, pi_ptr, pl_ptr, v_ptr, i_ptr, lse_ptr, r, NC, K: tl.constexpr, K_PAD: tl.constexpr,
+                    C_PAD: tl.constexpr, LSE: tl.constexpr):  # fmt: skip
+        """_chunk_topk_kernel's second pass for row r: its NC * K candidates, K rounds of max / mask-out, then one load
+        of the winners' indices, and the row's logsumexp from its chunks' (max, sum of exp). Reads past L1 (.cg): the
+        parts come from other SMs."""
+        t, rk = tl.arange(0, C_PAD), tl.arange(0, K_PAD)
+        base = r * NC * K
+        v = tl.load(pv_ptr + base + t, mask=t < NC * K, other=float("-inf"), cache_modifier=".cg")
+        vals = tl.full((K_PAD,), float("-inf"), tl.float32)
+        cols = tl.zeros((K_PAD,), tl.int32)
+        for j in tl.static_range(K):
+            top, col = tl.max(v, 0, return_indices=True, return_indices_tie_break_left=True)  # lower index first
+            vals = tl.where(rk == j, top, vals)
+            cols = tl.where(rk == j, col, cols)
+            v = tl.where(t == col, float("-inf"), v)
+        tl.store(v_ptr + r * K + rk, vals, mask=rk < K)
+        idx = tl.load(pi_ptr + base + cols, mask=rk < K, other=0, cache_modifier=".cg")
+        tl.store(i_ptr + r * K + rk, idx.to(tl.int64), mask=rk < K)
+        if LSE:
+            m = tl.load(pl_ptr + (r * NC + t) * 2, mask=t < NC, other=float("-inf"), cache_modifier=".cg")
+            s = tl.load(pl_ptr + (r * NC + t) * 2 + 1, mask=t < NC, other=0.0, cache_modifier=".cg")
+            mx = tl.max(m, 0)
+            tl.store(lse_ptr + r, mx + tl.log(tl.sum(s * tl.exp(m - mx), 0)))
+
+    @triton.jit
+    def _chunk_topk_kernel(x_ptr, pv_ptr, pi_ptr, pl_ptr, cnt_ptr, v_ptr, i_ptr, lse_ptr, V, K: tl.constexpr,
+                           K_PAD: tl.constexpr, CHUNK: tl.constexpr, C_PAD: tl.constexpr, LSE: tl.constexpr,
                            PDL: tl.constexpr):  # fmt: skip
-        """Program (r, c): the K largest entries of x[r, c*CHUNK:(c+1)*CHUNK], largest first, as float32 values and
-        indices into the row, by K rounds of max / argmax / mask-out in registers."""
+        """Top k of every row of x [R, V] in one launch, in two passes. Program (r, c) takes the K largest entries of
+        chunk c of row r (K rounds of max / mask-out in registers) and, with LSE, the chunk's max and sum of exp, into
+        the workspace. The last of row r's programs to finish (a counter per row, as in _split_sum) merges the row's
+        NC * K candidates the same way (_topk_merge), so rows merge in parallel, and resets the counter. Among equal
+        values the lower index wins, in both passes."""
         _pdl_start(PDL)
-        r, c = tl.program_id(0), tl.program_id(1)
+        r, c, NC = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         rc, rk = tl.arange(0, CHUNK), tl.arange(0, K_PAD)
         x = tl.load(x_ptr + r.to(tl.int64) * V + c * CHUNK + rc).to(tl.float32)
+        if LSE:
+            mx = tl.max(x, 0)
+            tl.store(pl_ptr + (r * NC + c) * 2, mx)
+            tl.store(pl_ptr + (r * NC + c) * 2 + 1, tl.sum(tl.exp(x - mx), 0))
         vals = tl.full((K_PAD,), float("-inf"), tl.float32)
-        idxs = tl.zeros((K_PAD,), tl.int64)
+        idxs = tl.zeros((K_PAD,), tl.int32)
         for j in tl.static_range(K):
-            best = tl.argmax(x, 0)  # the first of equal maxima
-            vals = tl.where(rk == j, tl.max(x, 0), vals)
-            idxs = tl.where(rk == j, c * CHUNK + best, idxs)
-            x = tl.where(rc == best, float("-inf"), x)
-        out = (r * tl.num_programs(1) + c) * K + rk
-        tl.store(v_ptr + out, vals, mask=rk < K)
-        tl.store(i_ptr + out, idxs, mask=rk < K)
+            top, at = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)  # the first of equal maxima
+            vals = tl.where(rk == j, top, vals)
+            idxs = tl.where(rk == j, c * CHUNK + at, idxs)
+            x = tl.where(rc == at, float("-inf"), x)
+        part = (r * NC + c) * K + rk  # row r's candidates are entries r * NC * K .. of the workspace, chunk by chunk
+        tl.store(pv_ptr + part, vals, mask=rk < K)
+        tl.store(pi_ptr + part, idxs, mask=rk < K)
+        tl.debug_barrier()  # every thread's part is written before the count (release) makes it visible
+        if tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu") == NC - 1:
+            _topk_merge(pv_ptr, pi_ptr, pl_ptr, v_ptr, i_ptr, lse_ptr, r, NC, K, K_PAD, C_PAD, LSE)
+            tl.atomic_xchg(cnt_ptr + r, 0, sem="relaxed", scope="gpu")
 
 
 @torch.library.custom_op("llmgen::chunk_topk", mutates_args=())
-def chunk_topk(x: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
-    """x [R, V] (V a multiple of chunk, a power of two) -> the top k of every chunk: float32 values and int64 indices
-    into the row, both [R, V / chunk, k], largest first. One launch; the first pass of draft.top_k (TRITON_TOPK)."""
+def chunk_topk(x: Tensor, k: int, chunk: int, lse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """x [R <= TOPK_MAX_ROWS, V] (V a multiple of chunk, a power of two) -> the top k of every row, largest first:
+    float32 values [R, k], int64 indices [R, k], and with lse the rows' logsumexp in float32 [R] (else an empty
+    tensor). One launch (`_chunk_topk_kernel`): draft.top_k and top_logp on CUDA (TRITON_TOPK)."""
     R, V = x.shape
-    v = torch.empty(R, V // chunk, k, dtype=torch.float32, device=x.device)
-    i = torch.empty(R, V // chunk, k, dtype=torch.int64, device=x.device)
-    k_pad = max(2, triton.next_power_of_2(k))
-    _chunk_topk_kernel[(R, V // chunk)](x, v, i, V, K=k, K_PAD=k_pad, CHUNK=chunk, PDL=PDL, launch_pdl=PDL)
-    return v, i
+    if R > TOPK_MAX_ROWS:
+        raise ValueError(f"chunk_topk takes at most {TOPK_MAX_ROWS} rows, got {R}")
+    NC, dev = V // chunk, x.device
+    pv = torch.empty(R * NC * k, dtype=torch.float32, device=dev)  # the first pass's candidates
+    pi = torch.empty(R * NC * k, dtype=torch.int32, device=dev)
+    pl = torch.empty(R * NC * 2 if lse else 1, dtype=torch.float32, device=dev)
+    v = torch.empty(R, k, dtype=torch.float32, device=dev)
+    i = torch.empty(R, k, dtype=torch.int64, device=dev)
+    out_lse = torch.empty(R if lse else 0, dtype=torch.float32, device=dev)
+    cnt = counters(dev)[TOPK_COUNTER:]
+    _chunk_topk_kernel[(R, NC)](x, pv, pi, pl, cnt, v, i, out_lse if lse else v, V, K=k,
+                                K_PAD=max(2, triton.next_power_of_2(k)), CHUNK=chunk,
+                                C_PAD=triton.next_power_of_2(NC * k), LSE=lse, PDL=PDL, launch_pdl=PDL)  # fmt: skip
+    return v, i, out_lse
 
 
 @chunk_topk.register_fake
-def _(x, k, chunk):
-    shape = (x.size(0), x.size(1) // chunk, k)
-    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64)
+def _(x, k, chunk, lse=False):
+    R = x.size(0)
+    return (x.new_empty(R, k, dtype=torch.float32), x.new_empty(R, k, dtype=torch.int64),
+            x.new_empty(R if lse else 0, dtype=torch.float32))  # fmt: skip
 
 
-# draft.top_k's first pass through chunk_topk instead of torch.topk (CUDA). Measured on SmolLM2 (H200, MT-bench, same
-# machine, BENCHMARKS.md, sixth session): an EAGLE round with the default tree 1.171 -> 1.039 ms (40 questions); torch's
-# one-block top-k had taken 11-18 us per call. bench.py --no-triton-topk and generate.py --kernels torch turn it off.
+# draft.top_k and top_logp through chunk_topk instead of torch.topk (CUDA). Measured on SmolLM2 (H200, MT-bench, same
+# machine, BENCHMARKS.md, sixth session), with the first pass alone in Triton: an EAGLE round with the default tree
+# 1.171 -> 1.039 ms (40 questions); torch's one-block top-k had taken 11-18 us per call. Both passes in one launch
+# (tenth session): see BENCHMARKS.md. bench.py --no-triton-topk and generate.py --kernels torch turn it off.
 TRITON_TOPK = True
 
 

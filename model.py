@@ -297,6 +297,7 @@ class Transformer(nn.Module):
         self.max_seq_length = max_seq_length
         if device.type == "cuda" or kernels.INTERPRET:  # copy_slots' address table, made outside any CUDA graph
             kernels.cache_table(self.kv_caches())
+            kernels.counters(device)  # and the counters of the split matmuls and of chunk_topk
 
     def causal_mask(self, cache_pos: Tensor) -> Tensor:
         """[1, 1, S, T]: token s sees slots <= cache_pos[s]."""

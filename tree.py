@@ -66,6 +66,10 @@ class Tree:
     parent_row: Tensor  # [N] int64: row of n's parent inside its step's fed list
     child_src: Tensor  # [N] int64: for node n >= 1, index into its step's flat top-k ids [n_fed * K]
     depth_start: list[int]  # nodes of depth d are depth_start[d] .. depth_start[d+1]-1
+    # The fed nodes of steps 1..D-1 in order, F in all (one scratch slot and one row of draft.round_inputs each):
+    fed_start: list[int]  # step d's are fed_start[d] .. fed_start[d+1]-1 (fed_start[0] = fed_start[1] = 0)
+    fed_depth: Tensor  # [F] int64: each one's depth (= its step)
+    fed_ancestors: Tensor  # [F, F] bool: fed_ancestors[i, j] = fed node j is fed node i or an ancestor of it
     K: int
     N: int
     D: int
@@ -110,6 +114,10 @@ def build_tree(paths: list[list[int]]) -> Tree:
     child_src = [0] + [row[parent[n]] * K + p[-1] for n, p in enumerate(paths, 1)]
     parent_row = [0] + [row[parent[n]] for n in range(1, N)]
     depth_start = [depth.index(d) for d in range(D + 1)] + [N]
+    fed_all = [n for step in fed[1:] for n in step]
+    fed_start = [0, 0]
+    for step in fed[1:]:
+        fed_start.append(fed_start[-1] + len(step))
     return Tree(
         paths=[list(p) for p in paths],
         parent=torch.tensor(parent),
@@ -120,6 +128,9 @@ def build_tree(paths: list[list[int]]) -> Tree:
         parent_row=torch.tensor(parent_row),
         child_src=torch.tensor(child_src),
         depth_start=depth_start,
+        fed_start=fed_start,
+        fed_depth=torch.tensor([depth[n] for n in fed_all], dtype=torch.long),
+        fed_ancestors=anc[fed_all][:, fed_all],
         K=K,
         N=N,
         D=D,

@@ -512,7 +512,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p,
         "--triton-topk",
         kernels.TRITON_TOPK,
-        "the draft's top-k first pass as one Triton kernel (kernels.chunk_topk; on by default as in generate.py)",
+        "the draft's top-k (and EAGLE-2's logsumexp) as one Triton kernel (kernels.chunk_topk; on by default as in "
+        "generate.py)",
     )
     switch(
         p,

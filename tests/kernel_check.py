@@ -359,6 +359,9 @@ def check_copy_rows():
     assert tuple(c.data_ptr() for c in model.kv_caches()) in tables
     model.copy_slots(torch.tensor([5, 6]), torch.tensor([2, 3]))
     assert K._TABLES == tables
+    # and the counters of chunk_topk and the split matmuls: made inside the warm-up of torch's CUDA graph trees they
+    # lived in its memory pool, which it refused (tenth session, `bench.py --eagle`'s draft timing)
+    assert model.norm.weight.device in K._COUNTERS
     print("copy_rows ok")
 
 
@@ -435,27 +438,53 @@ def check_few_attention():
 
 
 def check_chunk_topk():
-    """The first pass of draft.top_k in one launch: per chunk the same values as torch.topk, largest first, indices
-    into the row; and draft.top_k through it (TRITON_TOPK) equals torch.topk, ties included in the values."""
+    """draft.top_k and top_logp in one launch (both passes, each row's last program merging it): the same values as
+    torch.topk, largest first, indices pointing at them, the lower index first among equal values, the logsumexp of
+    each row; many rows; and the counters back at zero for the next call."""
     import draft as Dr  # noqa: PLC0415
 
     torch.manual_seed(9)
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(3, 4096).to(dtype)
+    for dtype, R, V, k in ((torch.float32, 3, 4096, 10), (torch.bfloat16, 3, 4096, 10), (torch.float32, 70, 8192, 8)):
+        x = torch.randn(R, V).to(dtype)
         x[1, 100:110] = 5.0  # ten equal maxima in one chunk
-        v, i = K.chunk_topk(x, 10, 1024)
-        ref = torch.topk(x.float().view(3, 4, 1024), 10, dim=-1)
-        assert torch.equal(v, ref.values) and v.shape == (3, 4, 10)
-        assert torch.equal(x.float().gather(1, i.view(3, -1)).view(3, 4, 10), v)  # indices point at the values
+        x[2, [7, 1500, 3000 % V]] = 6.0  # equal maxima in three chunks
+        for lse in (False, True)[R // 50 :]:  # (the 70 rows: slow in the interpreter, once)
+            v, i, s = K.chunk_topk(x, k, 1024, lse)
+            ref = torch.topk(x.float(), k)
+            assert torch.equal(v, ref.values) and v.shape == (R, k) and i.dtype == torch.int64
+            assert torch.equal(x.float().gather(1, i), v)  # indices point at the values
+            assert i[1, :k].tolist() == list(range(100, 100 + k)) and i[2, :3].tolist() == sorted({7, 1500, 3000 % V})
+            if lse:
+                torch.testing.assert_close(s, torch.logsumexp(x.float(), -1))
+            else:
+                assert s.numel() == 0
+            assert not K.counters(x.device)[K.TOPK_COUNTER :].any()
+        if R > 50:
+            continue
         real, flag = K.available, K.TRITON_TOPK
         K.available, K.TRITON_TOPK = (lambda t: True), True
         try:
-            tv, ti = Dr.top_k(x.view(3, 4096), 10)
+            tv, ti = Dr.top_k(x.view(R, 1, V), k)
+            lv, li = Dr.top_logp(x, k)
         finally:
             K.available, K.TRITON_TOPK = real, flag
-        ref = torch.topk(x, 10)
-        assert torch.equal(tv, ref.values) and torch.equal(x.gather(1, ti), ref.values)
+        ref = torch.topk(x, k)
+        assert tv.dtype == x.dtype and torch.equal(tv[:, 0], ref.values)
+        assert torch.equal(x.gather(1, ti[:, 0]), ref.values)
+        torch.testing.assert_close(lv, torch.topk(x.float().log_softmax(-1), k).values)
+        assert torch.equal(li, ti[:, 0])
     print("chunk_topk ok")
+
+
+def check_layer_inputs():
+    """kernels.layer_inputs' one launch: the RoPE rows gathered, positions and mask copied (a 4-D mask, T > BLOCK_T)."""
+    table = torch.randn(1500, 2, 8)
+    pos, slots = torch.tensor([3, 1400, 4, 5, 0]), torch.tensor([10, 11, 12, 13, 1499])
+    mask = torch.rand(1, 1, 5, 1500) < 0.5
+    rope, slots2, mask2 = K._layer_inputs(table, pos, slots, mask)
+    assert torch.equal(rope, table[pos]) and torch.equal(slots2, slots) and torch.equal(mask2, mask)
+    assert slots2.data_ptr() != slots.data_ptr() and mask2.data_ptr() != mask.data_ptr()
+    print("layer_inputs ok")
 
 
 if __name__ == "__main__":
@@ -471,4 +500,5 @@ if __name__ == "__main__":
     check_copy_rows()
     check_rope_cache()
     check_chunk_topk()
+    check_layer_inputs()
     check_few_attention()

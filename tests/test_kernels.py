@@ -26,6 +26,7 @@ def test_kernels_in_the_triton_interpreter():
         "copy_rows",
         "rope_cache",
         "chunk_topk",
+        "layer_inputs",
     )
     for part in (*parts, "few_attention", "pin"):
         assert f"{part} ok" in r.stdout
