@@ -57,6 +57,43 @@ def test_tree_logits_equal_path_logits(tiny_ckpt, seed):
         torch.testing.assert_close(tree_logits[n], ref_logits, atol=1e-4, rtol=1e-4)
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("paths", [T.EAGLE1_TREE, [[0], [1], [1, 0], [1, 1], [1, 0, 0], [1, 0, 1], [1, 0, 0, 0]]])
+def test_drafted_tree_equals_drafting_each_path_alone(tiny_ckpt, paths):
+    """draft_tree's tokens are what the head drafts along each node's path run alone, causally and uncached: the
+    committed pairs (f_i, t_{i+1}), the root pair, then (the head's own feature at the parent, the node's token) per
+    depth. Losslessness cannot catch a wrong draft mask or slot (it only lowers tau); this does."""
+    args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    model, head, tree = load(tiny_ckpt), random_head(args, 4), T.build_tree([list(p) for p in paths])
+    for w in (head.layer.attention.wqkv.weight, head.layer.attention.wo.weight):
+        w.mul_(4)  # attention (masks, slots, positions) decides which tokens are drafted, not the residual path alone
+    gen = G.EagleGenerator(model, head, tree, G.Sampling(), 64)
+    gen._start(torch.tensor([PROMPT]))
+    st = gen.state
+    drafted = Dr.draft_tree(head, model, gen.tree, st.L, st.tokens, st.feats, st.n)  # [N]
+    P = len(PROMPT)
+    f = model.features(torch.tensor([PROMPT]), torch.arange(P))[0]  # the target's features [P, D]
+    root = int(st.tokens[0])
+    assert int(drafted[0]) == root
+
+    def head_feature(tokens: list[int], own: list[torch.Tensor]) -> torch.Tensor:
+        """The head's last predicted feature over the pairs (f_i, t_{i+1}) i < P, then (own[j], tokens[j])."""
+        toks = torch.tensor([PROMPT[1:] + [root] + tokens])
+        feats = torch.cat([f, *[o[None] for o in own]])[None]
+        pos = torch.arange(toks.size(1))
+        head.setup_cache(toks.size(1), 0)
+        mask = (pos[None] <= pos[:, None])[None, None]
+        return head(model.tok_embeddings(toks), feats, pos, pos, mask)[0, -1]
+
+    feature = {0: head_feature([], [])}  # node -> the head's feature at it
+    for n in range(1, tree.N):
+        path = [int(tree.path_nodes[n, j]) for j in range(1, int(tree.depth[n]) + 1)]  # nodes below the root
+        parent, rank = int(tree.parent[n]), tree.paths[n - 1][-1]
+        children = torch.topk(head.logits(model, feature[parent]), tree.K).indices
+        assert int(drafted[n]) == int(children[rank]), n
+        feature[n] = head_feature([int(drafted[m]) for m in path], [feature[int(tree.parent[m])] for m in path])
+
+
 def plain_greedy(folder, prompt, max_new, stop_ids=frozenset(), ignore_eos=True) -> list[int]:
     gen = G.Generator(load(folder), G.Sampling(), 256)
     return gen.generate(prompt, max_new, set(stop_ids), ignore_eos).output_ids
