@@ -431,16 +431,14 @@ class EagleGenerator(Generator):
         self.state = EagleState(R, N, model.args.dim, self.device, model.norm.weight.dtype)
         if isinstance(tree, DynamicTree):
             self.tree = tree
-            S = (tree.D - 1) * tree.K  # one scratch slot per expanded node
-            head.setup_cache(self.max_seq_length, S)
+            head.setup_cache(self.max_seq_length, (tree.D - 1) * tree.K)  # one scratch slot per expanded node
         else:
             self.tree = tree.to(self.device)
             for t in self.tree.static_tensors():  # constant inputs: CUDA graphs need not copy them in each round
                 torch._dynamo.mark_static_address(t)
             for name in ("parent", "depth", "ancestors", "path_nodes"):  # the verification reads the state's copy
                 getattr(self.state, name).copy_(getattr(self.tree, name))
-            S = self.tree.fed_depth.numel()  # one scratch slot per expanded node
-            head.setup_cache(self.max_seq_length, S)
+            head.setup_cache(self.max_seq_length, self.tree.fed_depth.numel())  # one scratch slot per expanded node
         self.draft = compile_step(eagle_draft, self.device) if compile else eagle_draft
         self.verify = compile_step(eagle_verify, self.device) if compile else eagle_verify
         # One CUDA graph per round (1.28x faster than two on SmolLM2, BENCHMARKS.md); split_timing runs the draft and

@@ -998,8 +998,9 @@ def _(x, k, chunk, lse=False):
 
 # draft.top_k and top_logp through chunk_topk instead of torch.topk (CUDA). Measured on SmolLM2 (H200, MT-bench, same
 # machine, BENCHMARKS.md, sixth session), with the first pass alone in Triton: an EAGLE round with the default tree
-# 1.171 -> 1.039 ms (40 questions); torch's one-block top-k had taken 11-18 us per call. Both passes in one launch
-# (tenth session): see BENCHMARKS.md. bench.py --no-triton-topk and generate.py --kernels torch turn it off.
+# 1.171 -> 1.039 ms (40 questions); torch's one-block top-k had taken 11-18 us per call. Both passes in one launch,
+# with the draft's inputs made once a round (tenth session, 80 questions, one machine): a round 1.033 -> 0.937 ms
+# (default tree), 1.321 -> 1.189 ms (EAGLE-2). bench.py --no-triton-topk and generate.py --kernels torch turn it off.
 TRITON_TOPK = True
 
 
