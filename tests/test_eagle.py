@@ -58,19 +58,28 @@ def test_tree_logits_equal_path_logits(tiny_ckpt, seed):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("paths", [T.EAGLE1_TREE, [[0], [1], [1, 0], [1, 1], [1, 0, 0], [1, 0, 1], [1, 0, 0, 0]]])
-def test_drafted_tree_equals_drafting_each_path_alone(tiny_ckpt, paths):
-    """draft_tree's tokens are what the head drafts along each node's path run alone, causally and uncached: the
+@pytest.mark.parametrize(
+    "spec", ["default", [[0], [1], [1, 0], [1, 1], [1, 0, 0], [1, 0, 1], [1, 0, 0, 0]], "eagle2:K=3,D=4,N=12"]
+)
+def test_drafted_tree_equals_drafting_each_path_alone(tiny_ckpt, spec):
+    """Each drafted token is what the head drafts along its node's path run alone, causally and uncached: the
     committed pairs (f_i, t_{i+1}), the root pair, then (the head's own feature at the parent, the node's token) per
-    depth. Losslessness cannot catch a wrong draft mask or slot (it only lowers tau); this does."""
+    depth; a static tree's node of rank r is the parent's r-th most likely token, an EAGLE-2 node one of its K most
+    likely. Losslessness cannot catch a wrong draft mask, position or slot (they only lower tau); this does."""
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
-    model, head, tree = load(tiny_ckpt), random_head(args, 4), T.build_tree([list(p) for p in paths])
+    model, head = load(tiny_ckpt), random_head(args, 4)
     for w in (head.layer.attention.wqkv.weight, head.layer.attention.wo.weight):
         w.mul_(4)  # attention (masks, slots, positions) decides which tokens are drafted, not the residual path alone
+    tree = T.build_tree(spec) if isinstance(spec, list) else T.parse_dynamic_spec(spec) or T.build_tree(T.EAGLE1_TREE)
     gen = G.EagleGenerator(model, head, tree, G.Sampling(), 64)
     gen._start(torch.tensor([PROMPT]))
     st = gen.state
-    drafted = Dr.draft_tree(head, model, gen.tree, st.L, st.tokens, st.feats, st.n)  # [N]
+    inputs = (st.L, st.tokens, st.feats, st.n)
+    if isinstance(tree, T.DynamicTree):
+        drafted, parent, depth, _, path_nodes = Dr.draft_dynamic_tree(head, model, tree, *inputs)
+    else:
+        drafted = Dr.draft_tree(head, model, gen.tree, *inputs)  # [N]
+        parent, depth, path_nodes = tree.parent, tree.depth, tree.path_nodes
     P = len(PROMPT)
     f = model.features(torch.tensor([PROMPT]), torch.arange(P))[0]  # the target's features [P, D]
     root = int(st.tokens[0])
@@ -85,13 +94,15 @@ def test_drafted_tree_equals_drafting_each_path_alone(tiny_ckpt, paths):
         mask = (pos[None] <= pos[:, None])[None, None]
         return head(model.tok_embeddings(toks), feats, pos, pos, mask)[0, -1]
 
-    feature = {0: head_feature([], [])}  # node -> the head's feature at it
+    feature = {0: head_feature([], [])}  # node -> the head's feature at it (parents come before their children)
     for n in range(1, tree.N):
-        path = [int(tree.path_nodes[n, j]) for j in range(1, int(tree.depth[n]) + 1)]  # nodes below the root
-        parent, rank = int(tree.parent[n]), tree.paths[n - 1][-1]
-        children = torch.topk(head.logits(model, feature[parent]), tree.K).indices
-        assert int(drafted[n]) == int(children[rank]), n
-        feature[n] = head_feature([int(drafted[m]) for m in path], [feature[int(tree.parent[m])] for m in path])
+        path = [int(path_nodes[n, j]) for j in range(1, int(depth[n]) + 1)]  # its nodes below the root
+        children = torch.topk(head.logits(model, feature[int(parent[n])]), tree.K).indices.tolist()
+        if isinstance(tree, T.DynamicTree):
+            assert int(drafted[n]) in children, n
+        else:
+            assert int(drafted[n]) == children[tree.paths[n - 1][-1]], n
+        feature[n] = head_feature([int(drafted[m]) for m in path], [feature[int(parent[m])] for m in path])
 
 
 def plain_greedy(folder, prompt, max_new, stop_ids=frozenset(), ignore_eos=True) -> list[int]:
