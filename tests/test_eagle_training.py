@@ -12,11 +12,13 @@ from conftest import ROOT, make_checkpoint
 
 import draft as Dr
 import model as M
+import tree as T
 from tokenizer import load_tokenizer
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_eagle_data as D  # noqa: E402
 import train_eagle as TE  # noqa: E402
+import tune_tree as TT  # noqa: E402
 
 EOT_PROB = 0.2  # the tiny random model almost never ends a turn by itself
 CPU = torch.device("cpu")
@@ -240,3 +242,26 @@ def test_init_from_a_missing_head_is_a_one_line_error(ckpt, dataset, tmp_path, c
                  "--max-len", "256", "--init", str(tmp_path / "nohead")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --init: no EAGLE head"), err
+
+
+def test_tune_tree_keeps_the_most_accepted_paths(ckpt, dataset, tmp_path, capsys):
+    """scripts/tune_tree.py: a tree of the requested size and depth, closed under parents, predicted to accept at
+    least as much as EAGLE-1's default tree on the same data; its predicted tau is 1 + the accepted share summed over
+    its paths (depth-1 ranks over the whole vocabulary cover every position: P = 1 in all)."""
+    data_file, _ = dataset
+    args = M.load_model(ckpt).args
+    torch.manual_seed(0)
+    Dr.save_head(Dr.EagleHead(M.ModelArgs(**{**args.to_dict(), "n_layers": 1})), tmp_path / "head")
+    out = tmp_path / "tree.json"
+    common = ["--checkpoint", str(ckpt), "--eagle", str(tmp_path / "head"), "--data", str(data_file)]
+    TT.main([*common, "--out", str(out), "--nodes", "12", "--depth", "5", "--max-rank", str(args.vocab_size)])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tree = T.build_tree(json.loads(out.read_text()))  # raises unless every path's parent is in the tree
+    assert tree.N == 12 and tree.D <= 5 and r["positions"] > 100
+    assert r["tau_tuned_tree"] >= r["tau_default_tree"] > 1
+    TT.main([*common, "--nodes", str(args.vocab_size + 1), "--depth", "1", "--max-rank", str(args.vocab_size)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tau_tuned_tree"] == pytest.approx(2.0)
+    with pytest.raises(SystemExit) as e:
+        TT.main([*common[:4], "--data", str(tmp_path / "none.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: data file not found"), err
