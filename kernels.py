@@ -232,6 +232,14 @@ if triton is not None:
         return k0, k1
 
     @triton.jit
+    def _last_to_arrive(cnt_ptr, n):
+        """Count this program done on the counter shared by n programs; True for the last of them, which alone goes on
+        to read what the others wrote (and resets the counter to 0 for the next call). The barrier first: every
+        thread's writes land before the count (release) makes them visible to the last one (acquire)."""
+        tl.debug_barrier()
+        return tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n - 1
+
+    @triton.jit
     def _split_sum(v, ws_ptr, cnt_ptr, offs, ok, stride):
         """Split over K: programs (i, 0..S-1) each hold partial sums v of one output block. Each writes its part to
         the workspace and counts itself done on the block's counter; the last one to finish reads all S parts back,
@@ -239,8 +247,7 @@ if triton is not None:
         the next call and alone goes on to the epilogue. Returns (sum, whether this program is that last one)."""
         i, s, S = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         tl.store(ws_ptr + s * stride + offs, v, mask=ok)
-        tl.debug_barrier()  # every thread's part is written before the count (release) makes it visible
-        last = tl.atomic_add(cnt_ptr + i, 1, sem="acq_rel", scope="gpu") == S - 1
+        last = _last_to_arrive(cnt_ptr + i, S)
         if last:
             v = tl.zeros_like(v)
             for t in range(0, S):  # past L1 (.cg): the parts come from other SMs
@@ -961,8 +968,7 @@ if triton is not None:
         part = (r * NC + c) * K + rk  # row r's candidates are entries r * NC * K .. of the workspace, chunk by chunk
         tl.store(pv_ptr + part, vals, mask=rk < K)
         tl.store(pi_ptr + part, idxs, mask=rk < K)
-        tl.debug_barrier()  # every thread's part is written before the count (release) makes it visible
-        if tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu") == NC - 1:
+        if _last_to_arrive(cnt_ptr + r, NC):
             _topk_merge(pv_ptr, pi_ptr, pl_ptr, v_ptr, i_ptr, lse_ptr, r, NC, K, K_PAD, C_PAD, LSE)
             tl.atomic_xchg(cnt_ptr + r, 0, sem="relaxed", scope="gpu")
 
