@@ -7,8 +7,12 @@ The target stays frozen; its features f (post-norm hidden states) are computed p
 forward. Draft position i consumes (f_i + noise, t_{i+1}) and predicts f_{i+1} (see draft.py). Per position i
 whose next-next token t_{i+2} is an assistant token:
 
-    loss_i = SmoothL1(f_hat_{i+1}, f_{i+1}) (mean over D)
-             + 0.1 * CE(softmax(lm_head(f_{i+1})) as teacher, log_softmax(lm_head(f_hat_{i+1})))
+    loss_i = w_f * SmoothL1(f_hat_{i+1}, f_{i+1}) (mean over D)
+             + w_ce * CE(softmax(lm_head(f_{i+1})) as teacher, log_softmax(lm_head(f_hat_{i+1})))
+
+with EAGLE-1's weights w_f = 1 and w_ce = 0.1 by default (--feature-weight, --ce-weight). EAGLE-3 drops the feature
+term and trains the token distribution alone over several unrolled steps; --feature-weight 0.1 --ce-weight 1
+--ttt-steps 4 moves this head that way while keeping its architecture.
 
 Noise: uniform in [-noise, noise] (default 0.1, about 5% of SmolLM2's feature RMS) on the input features only;
 unlike the official code it does not scale with 512 / sequence length. --ttt-steps k adds k unrolled steps
@@ -50,7 +54,7 @@ from tokenizer import Tokenizer, TokenizerError, load_tokenizer  # noqa: E402
 sys.path.insert(0, str(REPO / "scripts"))  # the sibling script that cuts the chat template
 from make_eagle_data import cut_template  # noqa: E402
 
-REG_W, CE_W, STEP_DECAY = 1.0, 0.1, 0.8  # loss weights (EAGLE-1 v_w, p_w) and the per-unrolled-step decay
+STEP_DECAY = 0.8  # the weight of unrolled step j is STEP_DECAY**j
 PAD_TO = 16  # batch lengths are rounded up to this
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bard": "assistant", "bing": "assistant", "system": "system"}  # fmt: skip
@@ -153,9 +157,10 @@ def shift(x: Tensor, n: int) -> Tensor:
 
 
 def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tensor, feats: Tensor, rope: Tensor,
-               steps: int, noise: float, gen: torch.Generator | None) -> tuple[Tensor, dict]:  # fmt: skip
-    """tokens, mask: [B, S] (mask: t is an assistant token); feats: the target's [B, S, D]
-    -> (weighted loss, per-step sums for metrics).
+               steps: int, noise: float, gen: torch.Generator | None, weights: tuple[float, float] = (1.0, 0.1),
+               ) -> tuple[Tensor, dict]:  # fmt: skip
+    """tokens, mask: [B, S] (mask: t is an assistant token); feats: the target's [B, S, D]; weights: (feature,
+    cross-entropy) -> (weighted loss, per-step sums for metrics).
 
     Scored positions: i with mask[i + 2] (step 0). Step j scores the same chains, at those i where mask[i + j + 2].
     """
@@ -176,7 +181,7 @@ def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tenso
         draft = target.output(p).float()
         reg = F.smooth_l1_loss(p, f, reduction="none").mean(-1)  # [M]
         ce = torch.logsumexp(draft, -1) - (teacher.softmax(-1) * draft).sum(-1)  # soft cross-entropy: [M]
-        per_pos = (REG_W * reg + CE_W * ce) * valid
+        per_pos = (weights[0] * reg + weights[1] * ce) * valid
         n = int(valid.sum())
         loss_j = per_pos.sum() / max(n, 1)
         total = total + STEP_DECAY**j * loss_j
@@ -371,7 +376,7 @@ def evaluate(target: Transformer, head: EagleHead, data: Conversations, batches:
         tokens, mask = collate(data, batch, a.max_len, device)
         with autocast(device):
             feats = target_features(target, tokens, rope)
-            _, s = batch_loss(target, head, tokens, mask, feats, rope, steps, 0.0, None)
+            _, s = batch_loss(target, head, tokens, mask, feats, rope, steps, 0.0, None, a.weights)
         loss = [x + y for x, y in zip(loss, s["loss"], strict=True)]
         n = [x + y for x, y in zip(n, s["n"], strict=True)]
         correct = [x + y for x, y in zip(correct, s["correct"], strict=True)]
@@ -404,7 +409,8 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
 
     record = {"command": "python scripts/train_eagle.py " + shlex.join(a.argv), "data": a.data,
               "sharegpt": a.sharegpt, "epochs": a.epochs, "lr": a.lr, "batch_tokens": a.batch_tokens,
-              "ttt_steps": a.ttt_steps, "init": a.init, "noise": a.noise, "seed": a.seed, "max_len": a.max_len,
+              "ttt_steps": a.ttt_steps, "feature_weight": a.weights[0], "ce_weight": a.weights[1], "init": a.init,
+              "noise": a.noise, "seed": a.seed, "max_len": a.max_len,
               "conversations": len(data),
               "train_conversations": len(train_ids), "heldout_conversations": len(held),
               "tokens": len(data.tokens), "assistant_tokens": int(data.mask.sum()), "history": []}  # fmt: skip
@@ -427,7 +433,7 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
             with autocast(device):
                 with torch.no_grad():
                     feats = target_features(target, tokens, rope)  # [B, S, D]
-                loss, s = batch_loss(target, head, tokens, mask, feats, rope, steps, a.noise, noise_gen)
+                loss, s = batch_loss(target, head, tokens, mask, feats, rope, steps, a.noise, noise_gen, a.weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, a.clip)
@@ -476,6 +482,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=2048, help="conversations are cut to this many tokens (2048)")
     p.add_argument("--noise", type=float, default=0.1, help="uniform noise half-width on input features (0.1)")
     p.add_argument("--ttt-steps", type=int, default=2, help="extra unrolled steps trained (training-time test; 2)")
+    p.add_argument(
+        "--feature-weight",
+        type=float,
+        default=1.0,
+        help="weight of the Smooth-L1 loss on the predicted feature (1.0, EAGLE-1's)",
+    )
+    p.add_argument(
+        "--ce-weight",
+        type=float,
+        default=0.1,
+        help="weight of the cross-entropy against the target's next-token distribution (0.1, EAGLE-1's)",
+    )
     p.add_argument("--eval-steps", type=int, default=5, help="chain length of the held-out tau estimate (5)")
     p.add_argument("--init", default="random",
                    help="head layer: random (default), last-layer = a copy of the target's last layer (slower start:\n"
@@ -499,6 +517,9 @@ def check_args(a: argparse.Namespace) -> torch.device:
     if a.epochs < 1 or a.lr <= 0 or a.batch_tokens < 1 or a.max_len < 4 or a.ttt_steps < 0 or a.eval_steps < 1:
         raise UserError("need --epochs >= 1, --lr > 0, --batch-tokens >= 1, --max-len >= 4, --ttt-steps >= 0, "
                         "--eval-steps >= 1")  # fmt: skip
+    if a.feature_weight < 0 or a.ce_weight < 0 or a.feature_weight + a.ce_weight == 0:
+        raise UserError("--feature-weight and --ce-weight must be >= 0 and not both 0")
+    a.weights = (a.feature_weight, a.ce_weight)
     if a.batch_tokens < a.max_len:
         a.max_len = a.batch_tokens  # a batch must hold one conversation
     if not 0 <= a.holdout < 1:

@@ -178,6 +178,29 @@ def test_training_forward_equals_cached_head(ckpt, steps):
             torch.testing.assert_close(outs[j][:, i], y[:, 0], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_loss_weights_scale_the_feature_and_cross_entropy_terms(ckpt, dataset):
+    """--feature-weight / --ce-weight: the loss is linear in the two weights, and both terms count."""
+    data_file, _ = dataset
+    target = M.load_model(ckpt)
+    torch.manual_seed(0)
+    head = TE.new_head(target, "random")
+    data = TE.load_generated(str(data_file), target.args.vocab_size)
+    tokens, mask = TE.collate(data, [0, 1], 128, "cpu")
+    rope = M.rope_table(head.args, 160)
+    feats = TE.target_features(target, tokens, rope)
+
+    def loss(w):
+        return TE.batch_loss(target, head, tokens, mask, feats, rope, 3, 0.0, None, w)[0]
+
+    feature, ce = loss((1.0, 0.0)), loss((0.0, 1.0))
+    assert feature > 0 and ce > 0
+    torch.testing.assert_close(loss((1.0, 0.1)), feature + 0.1 * ce)
+    torch.testing.assert_close(
+        TE.batch_loss(target, head, tokens, mask, feats, rope, 3, 0.0, None)[0], feature + 0.1 * ce
+    )
+
+
 def test_sharegpt_conversations_mask_assistant_turns(ckpt, tmp_path):
     tok = load_tokenizer(ckpt)
     path = tmp_path / "sharegpt.jsonl"
@@ -230,6 +253,8 @@ def test_cli_errors(ckpt, tmp_path, capsys):
     assert "data file not found" in error(TE.main, "--checkpoint", str(ckpt), "--data", "nope.pt", "--out", "h")
     assert "checkpoint not found" in error(D.main, "--checkpoint", str(tmp_path / "none"), "--out", "d.pt")
     assert "--max-len" in error(D.main, "--checkpoint", str(ckpt), "--out", "d.pt", "--max-len", "40")
+    assert "not both 0" in error(TE.main, "--checkpoint", str(ckpt), "--data", "x.pt", "--out", "h", "--feature-weight",
+                                 "0", "--ce-weight", "0")  # fmt: skip
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_eagle.py"), "--checkpoint", str(ckpt), "--out",
                         str(tmp_path / "h")], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and r.stderr.startswith("error: give training data")
