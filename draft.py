@@ -10,7 +10,16 @@ Draft position i consumes the pair (f_i, t_{i+1}) at RoPE position i. The head's
 (slots 0..T-1, one per position, always recomputed from the target's true features of accepted tokens) and a scratch
 region (slots T..T+N-2, one per tree node) where tree expansion writes and which is thrown away every round.
 
-Saved as <dir>/model.safetensors + <dir>/config.json ({"args": ModelArgs fields, "fc_bias": bool}), and optionally
+Feature fusion (optional, after EAGLE-3): a head with feature_layers (l_1, ...) also reads the target's residual
+stream entering those layers. Where a feature comes from the target (the committed pairs), it is
+
+    g_i = fuse(concat[f_i, norm_1(r_{l_1, i}), ...])  # [S, (1 + k) D] -> [S, D], then x = fc(concat[embed, g_i])
+
+while the tree's deeper steps still feed the head's own predicted feature, as in EAGLE-1. fuse = [I, 0, ...] is
+exactly the head without fusion, which is how scripts/train_eagle.py --feature-layers starts from a trained head.
+
+Saved as <dir>/model.safetensors + <dir>/config.json ({"args": ModelArgs fields, "fc_bias": bool, "feature_layers":
+[layer indices], absent or empty without fusion}), and optionally
 <dir>/draft_vocab.safetensors ({"ids": token ids by decreasing frequency in the training data, "counts"}), written by
 scripts/draft_vocab.py, from which `restrict_vocab` takes a draft vocabulary.
 """
@@ -25,14 +34,20 @@ import torch.nn as nn
 from torch import Tensor
 
 import kernels
-from model import Block, CheckpointError, ModelArgs, Transformer, rope_table
+from model import Block, CheckpointError, ModelArgs, RMSNorm, Transformer, rope_table
 from tree import DynamicTree, Tree, tree_from_candidates
 
 
 class EagleHead(nn.Module):
-    def __init__(self, args: ModelArgs, fc_bias: bool = True):
+    def __init__(self, args: ModelArgs, fc_bias: bool = True, feature_layers: tuple[int, ...] = ()):
         super().__init__()
-        self.args, self.fc_bias = args, fc_bias
+        self.args, self.fc_bias, self.feature_layers = args, fc_bias, tuple(feature_layers)
+        if list(self.feature_layers) != sorted(set(self.feature_layers)) or min(self.feature_layers, default=0) < 0:
+            raise HeadError(f"feature_layers must be distinct layer indices in increasing order: {feature_layers}")
+        self.feature_dim = args.dim * (1 + len(self.feature_layers))  # width of the target features it reads
+        if self.feature_layers:
+            self.tap_norms = nn.ModuleList(RMSNorm(args.dim, args.norm_eps) for _ in self.feature_layers)
+            self.fuse = nn.Linear(self.feature_dim, args.dim, bias=False)
         self.fc = nn.Linear(2 * args.dim, args.dim, bias=fc_bias)
         self.layer = Block(args)
         self.layer.attention_norm = nn.Identity()  # EAGLE-1: the input feature is already normalised
@@ -54,6 +69,15 @@ class EagleHead(nn.Module):
     def forward(self, emb: Tensor, feats: Tensor, input_pos: Tensor, cache_pos: Tensor, mask: Tensor) -> Tensor:
         # emb, feats: [1, S, D]; input_pos, cache_pos: [S]; mask: [1, 1, S, slots] -> predicted features [1, S, D]
         return self.step(emb, feats, self.rope[input_pos], cache_pos, mask)
+
+    def target_feature(self, feats: Tensor) -> Tensor:
+        """The target's features [..., feature_dim] -> the feature the head consumes [..., D] (fused, if the head has
+        feature_layers; else as they are)."""
+        if not self.feature_layers:
+            return feats
+        D = self.args.dim
+        parts = [feats[..., :D]] + [n(feats[..., (k + 1) * D : (k + 2) * D]) for k, n in enumerate(self.tap_norms)]
+        return self.fuse(torch.cat(parts, dim=-1))
 
     def step(self, emb: Tensor, feats: Tensor, rope: Tensor, cache_pos: Tensor, mask: Tensor) -> Tensor:
         """forward with the RoPE rows rope [S, 2, hd] given instead of the positions."""
@@ -86,17 +110,20 @@ class EagleHead(nn.Module):
         return idx if self.vocab is None else self.vocab[idx]
 
     def prefill(self, target: Transformer, tokens: Tensor, feats: Tensor) -> None:
-        """Fill committed slots 0..S-1 with pairs (feats[i], tokens[i]). tokens: [1, S]; feats: [1, S, D]."""
+        """Fill committed slots 0..S-1 with pairs (feats[i], tokens[i]). tokens: [1, S]; feats: the target's
+        [1, S, feature_dim]."""
         pos = torch.arange(tokens.size(1), device=tokens.device)
         slots = torch.arange(self.rope.size(0), device=tokens.device)
-        self(target.tok_embeddings(tokens), feats, pos, pos, (slots[None] <= pos[:, None])[None, None])
+        x = self.target_feature(feats)  # [1, S, D]
+        self(target.tok_embeddings(tokens), x, pos, pos, (slots[None] <= pos[:, None])[None, None])
 
 
 def draft_tree(head: EagleHead, target: Transformer, tree: Tree, L: Tensor, tokens: Tensor, feats: Tensor,
                n: Tensor) -> Tensor:  # fmt: skip
     """Catch up on the last round's accepted tokens, then expand the tree. Returns the node tokens [N].
 
-    L [1]: committed target length; the root token t_L is tokens[n-1]. tokens [R], feats [R, D] (R = tree.D + 1) and
+    L [1]: committed target length; the root token t_L is tokens[n-1]. tokens [R], feats [R, F] (R = tree.D + 1,
+    F = head.feature_dim) and
     n [1]: the pairs (f_{L-n+j}, t_{L-n+j+1}) for j < n. Rows j >= n are padding; they land in slots >= L, which the
     next round overwrites before anything attends to them.
     """
@@ -149,7 +176,8 @@ def catch_up(head: EagleHead, target: Transformer, tokens: Tensor, feats: Tensor
     """Forward over the accepted pairs (rows 0..R-1 of round_inputs' tables). Returns the predicted feature of the
     root [1, D] and the root token [1]."""
     R = tokens.size(0)
-    y = head.step(target.tok_embeddings(tokens)[None], feats[None], rope[:R], slots[:R], mask[None, None, :R])
+    x = head.target_feature(feats)[None]  # [1, R, D]
+    y = head.step(target.tok_embeddings(tokens)[None], x, rope[:R], slots[:R], mask[None, None, :R])
     last = (n - 1).reshape(1)  # index of the root's pair: [1]
     return y[0].index_select(0, last), tokens.index_select(0, last)
 
@@ -243,7 +271,8 @@ def save_head(head: EagleHead, folder: str | Path, extra: dict | None = None) ->
     sd = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     save_file(sd, str(folder / "model.safetensors.tmp"))
     (folder / "model.safetensors.tmp").replace(folder / "model.safetensors")
-    cfg = {"args": head.args.to_dict(), "fc_bias": head.fc_bias, **(extra or {})}
+    cfg = {"args": head.args.to_dict(), "fc_bias": head.fc_bias, "feature_layers": list(head.feature_layers),
+           **(extra or {})}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -306,7 +335,11 @@ def load_head(folder: str | Path, target_args: ModelArgs, device="cpu", dtype=to
     if args.dim != target_args.dim or args.vocab_size != target_args.vocab_size:
         raise HeadError(f"EAGLE head {folder} (dim {args.dim}, vocab {args.vocab_size}) does not fit the target "
                         f"(dim {target_args.dim}, vocab {target_args.vocab_size})")  # fmt: skip
-    head = EagleHead(args, fc_bias=cfg.get("fc_bias", True))
+    layers = tuple(cfg.get("feature_layers") or ())
+    if any(not isinstance(i, int) or not 0 <= i < target_args.n_layers for i in layers):
+        raise HeadError(f"EAGLE head {folder} reads the target's layers {list(layers)}, but the target has "
+                        f"{target_args.n_layers}")  # fmt: skip
+    head = EagleHead(args, fc_bias=cfg.get("fc_bias", True), feature_layers=layers)
     try:
         head.load_state_dict(sd, strict=True)
     except RuntimeError as e:

@@ -95,19 +95,20 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
 
 def prefill(model: Transformer, tokens: Tensor, s: Sampling, head: EagleHead | None = None,
             n: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """tokens: [1, P] at positions 0..P-1 -> (next token [1, 1], post-norm hidden [1, P, D]).
+    """tokens: [1, P] at positions 0..P-1 -> (next token [1, 1], the head's target features [1, P, F]: the post-norm
+    hidden state (F = D), followed by the residual streams the head fuses, if it has feature_layers).
 
     n [1]: only the first n tokens are the prompt and the rest is padding (`Prefill` pads prompts to a bucket); the
     padding's cache slots n.. hold junk that decoding rewrites before anything attends to them. head: also fill the
     EAGLE head's committed slots from the pairs (f_i, t_{i+1}), i < P-1 (padding again lands past the prompt).
     """
     pos = torch.arange(tokens.size(1), device=tokens.device)
-    h = model.features(tokens, pos)
+    h, feats = model.hidden(tokens, pos, taps=head.feature_layers if head is not None else ())
     last = h[:, -1:] if n is None else h.index_select(1, n - 1)  # only the last prompt position's logits are needed
     token = sample(model.output(last), s)
     if head is not None and tokens.size(1) > 1:
-        head.prefill(model, tokens[:, 1:], h[:, :-1])
-    return token, h
+        head.prefill(model, tokens[:, 1:], feats[:, :-1])
+    return token, feats
 
 
 def decode_step(model: Transformer, token: Tensor, pos: Tensor, s: Sampling) -> Tensor:
@@ -368,7 +369,7 @@ class EagleState(torch.nn.Module):
     """Device-resident state carried between EAGLE rounds (module buffers: static addresses for CUDA graphs).
 
     L [1]: committed target length; the root t_L (last emitted token, not yet in the target cache) is tokens[n-1].
-    tokens [R], feats [R, D], n [1]: the last round's emitted tokens and the target features before each of them,
+    tokens [R], feats [R, F], n [1]: the last round's emitted tokens and the target features before each of them,
     i.e. the draft pairs to catch up on. node_tokens [N]: this round's draft tree, whose shape is parent [N],
     depth [N], ancestors [N, N] and path_nodes [N, R] (constant for a static tree, rebuilt each round for EAGLE-2).
     """
@@ -391,13 +392,15 @@ def eagle_draft(head: EagleHead, target: Transformer, tree: Tree | DynamicTree, 
         st.node_tokens.copy_(draft_tree(head, target, tree, st.L, st.tokens, st.feats, st.n))
 
 
-def eagle_verify(target: Transformer, tree: Tree | DynamicTree, st: EagleState, s: Sampling) -> Tensor:
-    """One target forward over the N tree tokens, acceptance, KV compaction. Returns [R + 1]: tokens, count."""
+def eagle_verify(target: Transformer, tree: Tree | DynamicTree, st: EagleState, s: Sampling,
+                 taps: tuple[int, ...] = ()) -> Tensor:  # fmt: skip
+    """One target forward over the N tree tokens, acceptance, KV compaction. Returns [R + 1]: tokens, count.
+    taps: the head's feature_layers (their residual streams join the features kept for the next round)."""
     N, R, dev = tree.N, tree.D + 1, st.L.device
     pos = st.L + st.depth  # RoPE position = committed length + depth: [N]
     slots = st.L + torch.arange(N, device=dev)  # consecutive cache slots: [N]
     mask = target_tree_mask(st.ancestors, st.L, target.max_seq_length)  # [1, 1, N, T]
-    logits, h = target(st.node_tokens[None], pos, slots, mask, return_hidden=True)  # [1, N, V], [1, N, D]
+    logits, h = target(st.node_tokens[None], pos, slots, mask, return_hidden=True, taps=taps)  # [1, N, V], [1, N, F]
     choice = sample(logits[0], s)  # the target's token at every node: [N]
     best, acc = verify(st.node_tokens, choice, st)
     path = st.path_nodes.index_select(0, best)[0]  # root .. best, padded with best: [R]
@@ -415,7 +418,7 @@ def eagle_verify(target: Transformer, tree: Tree | DynamicTree, st: EagleState, 
 
 def eagle_round(head: EagleHead, target: Transformer, tree: Tree | DynamicTree, st: EagleState, s: Sampling) -> Tensor:
     eagle_draft(head, target, tree, st)
-    return eagle_verify(target, tree, st, s)
+    return eagle_verify(target, tree, st, s, head.feature_layers)
 
 
 class EagleGenerator(Generator):
@@ -428,7 +431,7 @@ class EagleGenerator(Generator):
         # A launched-ahead round may start up to R tokens past the budget and writes N slots from there.
         super().__init__(model, sampling, round_up(need + 2 * R + N, 64), compile, compile_prefill, head)
         self.head, self.tokens_per_launch = head, R
-        self.state = EagleState(R, N, model.args.dim, self.device, model.norm.weight.dtype)
+        self.state = EagleState(R, N, head.feature_dim, self.device, model.norm.weight.dtype)
         if isinstance(tree, DynamicTree):
             self.tree = tree
             head.setup_cache(self.max_seq_length, (tree.D - 1) * tree.K)  # one scratch slot per expanded node
@@ -453,7 +456,7 @@ class EagleGenerator(Generator):
             self.round = lambda: compiled(*round_args)
 
     def _start(self, prompt: Tensor) -> Tensor:
-        root, h = self.prefill(prompt)  # [1, 1], [1, P, D]; the head's committed slots filled too
+        root, h = self.prefill(prompt)  # [1, 1], [1, P, F]; the head's committed slots filled too
         st, R = self.state, self.tree.D + 1
         st.L.fill_(prompt.size(1))
         st.n.fill_(1)
@@ -476,7 +479,7 @@ class EagleGenerator(Generator):
         self.draft(self.head, self.model, self.tree, self.state)
         t1 = timer(self.device)
         torch.compiler.cudagraph_mark_step_begin()
-        out = self.verify(self.model, self.tree, self.state, self.sampling)
+        out = self.verify(self.model, self.tree, self.state, self.sampling, self.head.feature_layers)
         self.timing.append((t0, t1, timer(self.device)))
         return out
 

@@ -306,19 +306,31 @@ class Transformer(nn.Module):
 
     def features(self, tokens: Tensor, input_pos: Tensor, cache_pos: Tensor | None = None, mask: Tensor | None = None):
         """The post-norm hidden state [B, S, D]: the LM head's input, and the feature EAGLE consumes."""
+        return self.hidden(tokens, input_pos, cache_pos, mask)[0]
+
+    def hidden(self, tokens: Tensor, input_pos: Tensor, cache_pos: Tensor | None = None, mask: Tensor | None = None,
+               taps: tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """-> (post-norm hidden h [B, S, D], EAGLE features [B, S, D * (1 + len(taps))]): h followed by the residual
+        stream entering each layer in `taps` (an EAGLE head with feature_layers fuses them); just h without taps."""
         # tokens: [B, S]; input_pos, cache_pos: [S]; mask: [1, 1, S, T]
         cache_pos = input_pos if cache_pos is None else cache_pos
         mask = self.causal_mask(cache_pos) if mask is None else mask
         rope, cache_pos, mask = kernels.layer_inputs(self.rope, input_pos, cache_pos, mask)  # rope [S, 2, hd]
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
+        tapped = []
+        for i, layer in enumerate(self.layers):
+            if i in taps:
+                tapped.append(x)
             x = layer(x, rope, cache_pos, mask)
-        return self.norm(x)
+        h = self.norm(x)
+        return h, torch.cat([h, *tapped], dim=-1) if taps else h
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, cache_pos=None, mask=None, return_hidden: bool = False):
-        h = self.features(tokens, input_pos, cache_pos, mask)
+    def forward(self, tokens: Tensor, input_pos: Tensor, cache_pos=None, mask=None, return_hidden: bool = False,
+                taps: tuple[int, ...] = ()):  # fmt: skip
+        """-> logits [B, S, V]; with return_hidden, (logits, the EAGLE features of `hidden`)."""
+        h, feats = self.hidden(tokens, input_pos, cache_pos, mask, taps)
         logits = self.output(h)  # [B, S, V]
-        return (logits, h) if return_hidden else logits
+        return (logits, feats) if return_hidden else logits
 
     def copy_slots(self, src: Tensor, dst: Tensor) -> None:
         """Move KV rows src -> dst (both [n]) in every layer: compaction of an accepted tree path (one kernel for all

@@ -93,12 +93,15 @@ def causal_block(layer: Block, x: Tensor, rope: Tensor) -> Tensor:
     return h + layer.feed_forward(layer.ffn_norm(h))
 
 
-def target_features(model: Transformer, tokens: Tensor, rope: Tensor) -> Tensor:
-    """tokens: [B, S] at positions 0..S-1 -> post-norm hidden [B, S, D] (model.features without the cache)."""
-    x = model.tok_embeddings(tokens)
-    for layer in model.layers:
+def target_features(model: Transformer, tokens: Tensor, rope: Tensor, taps: tuple[int, ...] = ()) -> Tensor:
+    """tokens: [B, S] at positions 0..S-1 -> the features a head with feature_layers `taps` reads [B, S, F]
+    (model.hidden without the cache): the post-norm hidden state, then the residual streams entering those layers."""
+    x, tapped = model.tok_embeddings(tokens), []
+    for i, layer in enumerate(model.layers):
+        if i in taps:
+            tapped.append(x)
         x = causal_block(layer, x, rope[: tokens.size(1)])
-    return model.norm(x)
+    return torch.cat([model.norm(x), *tapped], dim=-1)
 
 
 def chain_attention(q: Tensor, k0: Tensor, v0: Tensor, chain: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -122,14 +125,15 @@ def chain_attention(q: Tensor, k0: Tensor, v0: Tensor, chain: list[tuple[Tensor,
 def head_unrolled(head: EagleHead, emb: Tensor, feats: Tensor, rope: Tensor, steps: int) -> list[Tensor]:
     """The head's training forward: step 0 over pairs (feats[i], emb[i]) at positions i, then steps 1..steps-1.
 
-    emb: [B, S, D], the embedding of t_{i+1} at index i (steps j > 0 use emb shifted left by j); feats: [B, S, D];
+    emb: [B, S, D], the embedding of t_{i+1} at index i (steps j > 0 use emb shifted left by j); feats: the target's
+    [B, S, F] (F = head.feature_dim; fused into [B, S, D] for step 0);
     rope: [S + steps - 1, 2, hd]. Returns per step the predicted features [B, S, D]: step j at index i predicts
     f_{i+j+1} from (its step j-1 prediction, t_{i+j+1}) at RoPE position i + j.
     """
     S, layer = feats.size(1), head.layer
     attn = layer.attention
     outs, kv0, chain = [], None, []
-    x_feat = feats
+    x_feat = head.target_feature(feats)
     for j in range(steps):
         x = head.fc(torch.cat([shift(emb, j), x_feat], dim=-1))  # [B, S, D]
         q, k, v = qkv(attn, layer.attention_norm(x), rope[j : j + S])
@@ -159,7 +163,7 @@ def shift(x: Tensor, n: int) -> Tensor:
 def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tensor, feats: Tensor, rope: Tensor,
                steps: int, noise: float, gen: torch.Generator | None, weights: tuple[float, float] = (1.0, 0.1),
                ) -> tuple[Tensor, dict]:  # fmt: skip
-    """tokens, mask: [B, S] (mask: t is an assistant token); feats: the target's [B, S, D]; weights: (feature,
+    """tokens, mask: [B, S] (mask: t is an assistant token); feats: the target's [B, S, F]; weights: (feature,
     cross-entropy) -> (weighted loss, per-step sums for metrics).
 
     Scored positions: i with mask[i + 2] (step 0). Step j scores the same chains, at those i where mask[i + j + 2].
@@ -176,7 +180,7 @@ def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tenso
     accepted = torch.zeros_like(chain_ok, dtype=torch.long)
     for j, pred in enumerate(preds):
         valid = shift(mask, j + 2)[sel]  # [M]: step j's target token exists and is an assistant token
-        p, f = pred[sel].float(), shift(feats, j + 1)[sel].float()  # [M, D]
+        p, f = pred[sel].float(), shift(feats[..., : pred.size(-1)], j + 1)[sel].float()  # [M, D]
         teacher = target.output(f).float()  # [M, V]
         draft = target.output(p).float()
         reg = F.smooth_l1_loss(p, f, reduction="none").mean(-1)  # [M]
@@ -337,19 +341,37 @@ def round_up(n: int, m: int) -> int:
 # Training.
 
 
-def new_head(target: Transformer, init: str) -> EagleHead:
+def new_head(target: Transformer, init: str, feature_layers: tuple[int, ...] | None = None) -> EagleHead:
     """A fresh head shaped like one layer of the target; init "last-layer" copies the target's last layer, and any
-    other init names a saved head to train further (in float32)."""
+    other init names a saved head to train further (in float32). feature_layers (None: the init head's, or none) adds
+    feature fusion (draft.py): a head without it gains fuse = [I, 0, ...], so that it starts out unchanged."""
     if init not in ("random", "last-layer"):
         try:
-            return load_head(init, target.args, dtype=torch.float32).requires_grad_(True)
+            head = load_head(init, target.args, dtype=torch.float32).requires_grad_(True)
         except HeadError as e:
             raise UserError(f"--init: {e}") from None
-    head = EagleHead(ModelArgs(**{**target.args.to_dict(), "n_layers": 1}), fc_bias=True)
-    if init == "last-layer":
-        sd = {k: v.float() for k, v in target.layers[-1].state_dict().items() if not k.startswith("attention_norm")}
-        head.layer.load_state_dict(sd, strict=True)
-    return head
+    else:
+        head = EagleHead(ModelArgs(**{**target.args.to_dict(), "n_layers": 1}), fc_bias=True)
+        if init == "last-layer":
+            sd = {k: v.float() for k, v in target.layers[-1].state_dict().items() if not k.startswith("attention_norm")}
+            head.layer.load_state_dict(sd, strict=True)
+    if feature_layers is None or tuple(feature_layers) == head.feature_layers:
+        return head
+    if head.feature_layers:
+        raise UserError(f"--feature-layers {list(feature_layers)}: the --init head already fuses layers "
+                        f"{list(head.feature_layers)}")  # fmt: skip
+    if any(not 0 <= i < target.args.n_layers for i in feature_layers):
+        raise UserError(f"--feature-layers {list(feature_layers)}: the target has {target.args.n_layers} layers")
+    try:
+        fused = EagleHead(head.args, head.fc_bias, tuple(feature_layers))
+    except HeadError as e:
+        raise UserError(f"--feature-layers: {e}") from None
+    fused.load_state_dict(head.state_dict(), strict=False)  # all but fuse and tap_norms
+    D = head.args.dim
+    with torch.no_grad():
+        fused.fuse.weight.zero_()
+        fused.fuse.weight[:, :D] = torch.eye(D)
+    return fused
 
 
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
@@ -375,7 +397,7 @@ def evaluate(target: Transformer, head: EagleHead, data: Conversations, batches:
     for batch in batches:
         tokens, mask = collate(data, batch, a.max_len, device)
         with autocast(device):
-            feats = target_features(target, tokens, rope)
+            feats = target_features(target, tokens, rope, head.feature_layers)
             _, s = batch_loss(target, head, tokens, mask, feats, rope, steps, 0.0, None, a.weights)
         loss = [x + y for x, y in zip(loss, s["loss"], strict=True)]
         n = [x + y for x, y in zip(n, s["n"], strict=True)]
@@ -409,7 +431,8 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
 
     record = {"command": "python scripts/train_eagle.py " + shlex.join(a.argv), "data": a.data,
               "sharegpt": a.sharegpt, "epochs": a.epochs, "lr": a.lr, "batch_tokens": a.batch_tokens,
-              "ttt_steps": a.ttt_steps, "feature_weight": a.weights[0], "ce_weight": a.weights[1], "init": a.init,
+              "ttt_steps": a.ttt_steps, "feature_layers": list(head.feature_layers), "feature_weight": a.weights[0],
+              "ce_weight": a.weights[1], "init": a.init,
               "noise": a.noise, "seed": a.seed, "max_len": a.max_len,
               "conversations": len(data),
               "train_conversations": len(train_ids), "heldout_conversations": len(held),
@@ -432,7 +455,7 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
                 group["lr"] = lr_at(step, progress(step), a.lr, warmup)
             with autocast(device):
                 with torch.no_grad():
-                    feats = target_features(target, tokens, rope)  # [B, S, D]
+                    feats = target_features(target, tokens, rope, head.feature_layers)  # [B, S, F]
                 loss, s = batch_loss(target, head, tokens, mask, feats, rope, steps, a.noise, noise_gen, a.weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -494,6 +517,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.1,
         help="weight of the cross-entropy against the target's next-token distribution (0.1, EAGLE-1's)",
     )
+    p.add_argument("--feature-layers", type=layer_list, default=None, metavar="L,L,...",
+                   help="fuse the target's residual streams entering these layers into the head's input\n"
+                        "feature (draft.py; after EAGLE-3, which reads layers 2, L/2 and L-3). A head given by\n"
+                        "--init without fusion starts with fuse = [I, 0, ...], i.e. unchanged. Default: the\n"
+                        "--init head's")  # fmt: skip
     p.add_argument("--eval-steps", type=int, default=5, help="chain length of the held-out tau estimate (5)")
     p.add_argument("--init", default="random",
                    help="head layer: random (default), last-layer = a copy of the target's last layer (slower start:\n"
@@ -506,6 +534,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     return p.parse_args(argv)
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of layer indices: {text!r}") from None
+    return layers
 
 
 def check_args(a: argparse.Namespace) -> torch.device:
@@ -545,7 +581,7 @@ def main(argv=None) -> dict:
             raise UserError(f"need at least 2 conversations, got {len(data)}")
         if a.max_len > target.args.max_seq_len:
             raise UserError(f"--max-len {a.max_len} exceeds the model's context of {target.args.max_seq_len}")
-        head = new_head(target, a.init).to(device)
+        head = new_head(target, a.init, a.feature_layers).to(device)
         log(f"{len(data)} conversations, {len(data.tokens)} tokens ({int(data.mask.sum())} assistant) on {device}; "
             f"head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters")  # fmt: skip
         record = train(target, head, data, a, device)

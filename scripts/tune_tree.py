@@ -45,7 +45,7 @@ def path_counts(model, head, data, depth: int, max_rank: int, limit: int) -> tup
     for i in tqdm(range(min(len(data), limit)), desc="conversations", unit="conv", file=sys.stderr):
         a, b = int(data.offsets[i]), int(data.offsets[i + 1])
         tokens, mask = data.tokens[a:b].long()[None], data.mask[a:b][None]  # [1, S]
-        feats = target_features(model, tokens, rope)  # [1, S, D]
+        feats = target_features(model, tokens, rope, head.feature_layers)  # [1, S, F]
         preds = head_unrolled(head, shift(model.tok_embeddings(tokens), 1), feats, rope, depth)
         sel = shift(mask, 2)[0]  # chains that start at i: step j drafts t_{i+j+2}
         ranks = []

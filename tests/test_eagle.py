@@ -30,9 +30,16 @@ def load(folder, **kw) -> M.Transformer:
     return M.load_model(folder, dtype=torch.float32, **kw)
 
 
-def random_head(args: M.ModelArgs, seed: int = 0) -> Dr.EagleHead:
+def random_head(args: M.ModelArgs, seed: int = 0, feature_layers: tuple[int, ...] = ()) -> Dr.EagleHead:
+    """A random head; feature_layers: with feature fusion (random fuse weights, tap norms not all ones)."""
     torch.manual_seed(seed)
-    return Dr.EagleHead(M.ModelArgs(**{**args.to_dict(), "n_layers": 1})).eval()
+    head = Dr.EagleHead(M.ModelArgs(**{**args.to_dict(), "n_layers": 1}), feature_layers=feature_layers).eval()
+    for n in getattr(head, "tap_norms", []):
+        n.weight.data.uniform_(0.5, 1.5)
+    return head
+
+
+FUSED = (0, 1)  # a fused head's feature_layers on the tiny checkpoint: the embeddings and layer 1's input
 
 
 @torch.inference_mode()
@@ -59,15 +66,19 @@ def test_tree_logits_equal_path_logits(tiny_ckpt, seed):
 
 @torch.inference_mode()
 @pytest.mark.parametrize(
-    "spec", ["default", [[0], [1], [1, 0], [1, 1], [1, 0, 0], [1, 0, 1], [1, 0, 0, 0]], "eagle2:K=3,D=4,N=12"]
+    "spec",
+    ["default", [[0], [1], [1, 0], [1, 1], [1, 0, 0], [1, 0, 1], [1, 0, 0, 0]], "eagle2:K=3,D=4,N=12", "default+fused"],
 )
 def test_drafted_tree_equals_drafting_each_path_alone(tiny_ckpt, spec):
     """Each drafted token is what the head drafts along its node's path run alone, causally and uncached: the
     committed pairs (f_i, t_{i+1}), the root pair, then (the head's own feature at the parent, the node's token) per
     depth; a static tree's node of rank r is the parent's r-th most likely token, an EAGLE-2 node one of its K most
-    likely. Losslessness cannot catch a wrong draft mask, position or slot (they only lower tau); this does."""
+    likely. Losslessness cannot catch a wrong draft mask, position or slot (they only lower tau); this does. A fused
+    head's committed features f_i are its fusion of the target's tapped features."""
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
-    model, head = load(tiny_ckpt), random_head(args, 4)
+    fused = isinstance(spec, str) and spec.endswith("+fused")
+    spec = spec.removesuffix("+fused") if fused else spec
+    model, head = load(tiny_ckpt), random_head(args, 4, FUSED if fused else ())
     for w in (head.layer.attention.wqkv.weight, head.layer.attention.wo.weight):
         w.mul_(4)  # attention (masks, slots, positions) decides which tokens are drafted, not the residual path alone
     tree = T.build_tree(spec) if isinstance(spec, list) else T.parse_dynamic_spec(spec) or T.build_tree(T.EAGLE1_TREE)
@@ -81,7 +92,8 @@ def test_drafted_tree_equals_drafting_each_path_alone(tiny_ckpt, spec):
         drafted = Dr.draft_tree(head, model, gen.tree, *inputs)  # [N]
         parent, depth, path_nodes = tree.parent, tree.depth, tree.path_nodes
     P = len(PROMPT)
-    f = model.features(torch.tensor([PROMPT]), torch.arange(P))[0]  # the target's features [P, D]
+    _, tapped = model.hidden(torch.tensor([PROMPT]), torch.arange(P), taps=head.feature_layers)  # [1, P, F]
+    f = head.target_feature(tapped[0])  # the features the head reads: [P, D]
     root = int(st.tokens[0])
     assert int(drafted[0]) == root
 
@@ -118,16 +130,20 @@ def eagle(folder, head, spec, prompt, max_new, stop_ids=frozenset(), ignore_eos=
 
 @torch.inference_mode()
 @pytest.mark.parametrize(
-    "spec", ["default", "chain:1", "chain:4", "random", "eagle2:K=4,D=4,N=12", "eagle2:K=2,D=1,N=3"]
-)
+    "spec",
+    ["default", "chain:1", "chain:4", "random", "eagle2:K=4,D=4,N=12", "eagle2:K=2,D=1,N=3", "default+fused",
+     "eagle2:K=4,D=4,N=12+fused"],
+)  # fmt: skip
 def test_eagle_greedy_equals_plain_greedy(tiny_ckpt, spec, tmp_path):
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
+    layers = FUSED if spec.endswith("+fused") else ()
+    spec = spec.removesuffix("+fused")
     if spec == "random":
         spec = str(tmp_path / "tree.json")
         Path(spec).write_text(str(random_tree(random.Random(3), 10)))
     for i, (prompt, max_new) in enumerate([(PROMPT, 30), ([7], 9), (PROMPT[:3] * 5, 17)]):
         ref = plain_greedy(tiny_ckpt, prompt, max_new)
-        got = eagle(tiny_ckpt, random_head(args, i), spec, prompt, max_new)
+        got = eagle(tiny_ckpt, random_head(args, i, layers), spec, prompt, max_new)
         assert got.output_ids == ref, spec
         assert got.stats["rounds"] >= 1
 
@@ -300,16 +316,25 @@ def test_head_save_load_roundtrip(tmp_path, tiny_ckpt):
         assert torch.equal(v, back.state_dict()[k])
     with pytest.raises(Dr.HeadError, match="does not fit"):
         Dr.load_head(tmp_path / "head", M.ModelArgs(**{**args.to_dict(), "vocab_size": 999}))
+    fused = random_head(args, 1, FUSED)
+    Dr.save_head(fused, tmp_path / "fused")
+    back = Dr.load_head(tmp_path / "fused", args)
+    assert back.feature_layers == FUSED and back.feature_dim == 3 * args.dim
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])
+    with pytest.raises(Dr.HeadError, match="reads the target's layers"):  # a head made for a deeper target
+        Dr.load_head(tmp_path / "fused", M.ModelArgs(**{**args.to_dict(), "n_layers": 1}))
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("spec", ["default", "eagle2:K=3,D=3,N=10", "default+vocab"])
+@pytest.mark.parametrize("spec", ["default", "eagle2:K=3,D=3,N=10", "default+vocab", "default+fused"])
 def test_eagle_compiles_without_recompiles(tiny_ckpt, spec):
     import torch._dynamo
 
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
     torch._dynamo.reset()
-    head, model = random_head(args), load(tiny_ckpt)
+    head, model = random_head(args, 0, FUSED if spec.endswith("+fused") else ()), load(tiny_ckpt)
+    spec = spec.removesuffix("+fused")
     if spec.endswith("+vocab"):  # a draft vocabulary: the draft's LM head over its rows only
         spec = spec.removesuffix("+vocab")
         head.restrict_vocab(torch.arange(0, args.vocab_size, 3), model)

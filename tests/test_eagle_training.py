@@ -154,18 +154,22 @@ def test_filter_drops_duplicates_and_mt_bench_questions():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("steps", [1, 3])
-def test_training_forward_equals_cached_head(ckpt, steps):
-    """Step 0 equals EagleHead's cached causal forward; unrolled step j at index i equals drafting a chain from i."""
+@pytest.mark.parametrize("steps,fused", [(1, False), (3, False), (3, True)])
+def test_training_forward_equals_cached_head(ckpt, steps, fused):
+    """Step 0 equals EagleHead's cached causal forward; unrolled step j at index i equals drafting a chain from i.
+    A fused head's step 0 reads its fusion of the target's features; later steps its own predicted features."""
     target = M.load_model(ckpt)
     torch.manual_seed(0)
-    head = TE.new_head(target, "random").eval()
+    head = TE.new_head(target, "random", (0, 1) if fused else None).eval()
+    if fused:
+        torch.nn.init.normal_(head.fuse.weight, std=0.1)  # not just [I, 0, 0]
     S = 12
     tokens = torch.randint(0, target.args.vocab_size, (1, S + steps))
-    feats = torch.randn(1, S, target.args.dim)
+    tapped = torch.randn(1, S, head.feature_dim)
+    feats = head.target_feature(tapped)  # [1, S, D]
     emb = target.tok_embeddings(tokens[:, 1:])  # t_{i+1} at index i
     rope = M.rope_table(head.args, S + steps)
-    outs = TE.head_unrolled(head, emb[:, :S], feats, rope, steps)
+    outs = TE.head_unrolled(head, emb[:, :S], tapped, rope, steps)
     head.setup_cache(S + steps, 0)
     slots = torch.arange(S + steps)
     for i in range(S - steps + 1):
@@ -199,6 +203,33 @@ def test_loss_weights_scale_the_feature_and_cross_entropy_terms(ckpt, dataset):
     torch.testing.assert_close(
         TE.batch_loss(target, head, tokens, mask, feats, rope, 3, 0.0, None)[0], feature + 0.1 * ce
     )
+
+
+@torch.no_grad()
+def test_fusing_layers_into_a_trained_head_starts_unchanged(ckpt, tmp_path, capsys):
+    """--feature-layers on an --init head without fusion: fuse = [I, 0, ...], so the head drafts as before; the
+    training features equal the cached model's (model.hidden with the same taps)."""
+    target = M.load_model(ckpt)
+    torch.manual_seed(1)
+    head = TE.new_head(target, "random")
+    Dr.save_head(head, tmp_path / "plain")
+    fused = TE.new_head(target, str(tmp_path / "plain"), (0, 1))
+    assert fused.feature_layers == (0, 1) and fused.feature_dim == 3 * target.args.dim
+    S = 10
+    tokens = torch.randint(0, target.args.vocab_size, (1, S))
+    rope = M.rope_table(head.args, S + 3)
+    tapped = TE.target_features(target, tokens, rope, (0, 1))  # [1, S, 3D]
+    target.setup_caches(1, 16)
+    torch.testing.assert_close(tapped, target.hidden(tokens, torch.arange(S), taps=(0, 1))[1], atol=1e-3, rtol=1e-3)
+    emb = TE.shift(target.tok_embeddings(tokens), 1)
+    for a, b in zip(TE.head_unrolled(head, emb, tapped[..., : target.args.dim], rope, 3),
+                    TE.head_unrolled(fused, emb, tapped, rope, 3), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+    with pytest.raises(TE.UserError, match="already fuses"):
+        Dr.save_head(fused, tmp_path / "fused")
+        TE.new_head(target, str(tmp_path / "fused"), (1,))
+    with pytest.raises(TE.UserError, match="has 2 layers"):
+        TE.new_head(target, str(tmp_path / "plain"), (0, 5))
 
 
 def test_sharegpt_conversations_mask_assistant_turns(ckpt, tmp_path):
