@@ -12,7 +12,8 @@ whose next-next token t_{i+2} is an assistant token:
 
 with EAGLE-1's weights w_f = 1 and w_ce = 0.1 by default (--feature-weight, --ce-weight). EAGLE-3 drops the feature
 term and trains the token distribution alone over several unrolled steps; --feature-weight 0.1 --ce-weight 1
---ttt-steps 4 moves this head that way while keeping its architecture.
+--ttt-steps 4 moves this head that way while keeping its architecture. --feature-layers 2,15 adds EAGLE-3's other
+change, feature fusion (draft.py): the head also reads the target's residual streams entering those layers.
 
 Noise: uniform in [-noise, noise] (default 0.1, about 5% of SmolLM2's feature RMS) on the input features only;
 unlike the official code it does not scale with 512 / sequence length. --ttt-steps k adds k unrolled steps

@@ -585,13 +585,15 @@ def test_kernel_swap_covers_the_heads_biased_fc_and_vocab_logits(tiny_ckpt):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("spec", ["default", "eagle2:K=3,D=3,N=10"])
+@pytest.mark.parametrize("spec", ["default", "eagle2:K=3,D=3,N=10", "default+fused"])
 def test_int8_draft_head_stays_lossless(tiny_ckpt, tmp_path, spec):
     """--draft-quant int8: the head's linears (fc with its bias, the layer's) become int8 modules; the head's features
     stay close to the float head's, and greedy EAGLE output still equals plain greedy output."""
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
-    head, ref_head = random_head(args, 3), random_head(args, 3)
-    assert Q.quantize_linears_int8(head, torch.float32) == 5  # fc, wqkv, wo, w13, w2
+    layers = FUSED if spec.endswith("+fused") else ()
+    spec = spec.removesuffix("+fused")
+    head, ref_head = random_head(args, 3, layers), random_head(args, 3, layers)
+    assert Q.quantize_linears_int8(head, torch.float32) == 5 + bool(layers)  # fc, wqkv, wo, w13, w2 (and fuse)
     assert not any(type(m) is torch.nn.Linear for m in head.modules())
     model = load(tiny_ckpt)
     for h in (head, ref_head):
