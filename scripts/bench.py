@@ -287,7 +287,8 @@ def bench_linears(models: list[str], tokens=(1, 8, 26, 64)) -> dict:
     return out
 
 
-def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, sizes=(1, 8, 26, 64)) -> dict:
+def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, sizes=(1, 8, 26, 64),
+                 feature_layers: tuple[int, ...] = ()) -> dict:  # fmt: skip
     """EAGLE per-round costs with a random head: target forward vs tokens, draft, verification overhead.
 
     The target forward is GPU time alone: 20 calls of the compiled forward (Inductor's kernels and ours, no CUDA graph
@@ -296,7 +297,7 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, size
     one-token forward look longer than a whole plain decoding step. Draft and verification are timed the second way
     (each a compiled CUDA graph of the generator's, host time included); the whole round also as GPU time
     (round_gpu_s: the generator's one-graph round, replays launched back to back), against which issue #3's overhead
-    target is read (overhead_gpu_vs_target_forward)."""
+    target is read (overhead_gpu_vs_target_forward). feature_layers: a head with feature fusion (draft.py)."""
     model, _ = load(name)
     T_ = 1024
     L = torch.tensor([500], device="cuda")
@@ -316,12 +317,13 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, size
             lambda tok=tok, slots=slots, mask=mask: fwd(model, tok, slots, slots, mask)
         )
     torch.manual_seed(0)
-    head = EagleHead(M.ModelArgs(**{**model.args.to_dict(), "n_layers": 1})).cuda().to(torch.bfloat16).eval()
+    head_args = M.ModelArgs(**{**model.args.to_dict(), "n_layers": 1})
+    head = EagleHead(head_args, feature_layers=feature_layers).cuda().to(torch.bfloat16).eval()
     quantize_head(head)
     apply_kernel_choice(head)  # as --mt-bench and generate.py do
     if draft_vocab:  # a random draft vocabulary of that size: the cost is the same for any ids
         head.restrict_vocab(torch.randperm(model.args.vocab_size, device="cuda")[:draft_vocab], model)
-    out["draft_vocab"] = draft_vocab or 0
+    out["draft_vocab"], out["feature_layers"] = draft_vocab or 0, list(feature_layers)
     gen = G.EagleGenerator(
         model, head, tree, G.Sampling(), 1024, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=True
     )
@@ -338,11 +340,11 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, size
 
     def verify():
         reset()
-        gen.verify(model, gen.tree, st, gen.sampling)
+        gen.verify(model, gen.tree, st, gen.sampling, head.feature_layers)
 
     def both():
         draft()
-        gen.verify(model, gen.tree, st, gen.sampling)
+        gen.verify(model, gen.tree, st, gen.sampling, head.feature_layers)
 
     out["draft_s"] = cuda_time(draft)
     out["verify_s"] = cuda_time(verify)
@@ -536,6 +538,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "same ones instead of the autotuner's pick of the day (kernels.pin_configs)",
     )
     p.add_argument(
+        "--feature-layers",
+        type=lambda v: tuple(sorted({int(t) for t in v.split(",") if t.strip()})),
+        default=(),
+        metavar="L,L,...",
+        help="bare --eagle / --rounds: the random head fuses the target's residual streams entering these layers (as "
+        "the shipped SmolLM2 head does with 2,15; draft.py), to time what feature fusion costs a round",
+    )
+    p.add_argument(
         "--draft-quant",
         choices=["none", "int8"],
         default="none",
@@ -594,7 +604,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
             print(json.dumps(r), flush=True)
         if a.rounds:
             for spec in a.tree or ["default"]:
-                r = bench_rounds(name, spec, a.draft_vocab, a.forward_tokens)
+                r = bench_rounds(name, spec, a.draft_vocab, a.forward_tokens, a.feature_layers)
                 res[f"rounds_{name}_{spec}"] = r
                 print(json.dumps(r), flush=True)
     if a.mt_bench:

@@ -219,3 +219,5 @@ def test_bench_eagle_flag(monkeypatch):
     a = bench.parse_args(["--eagle", "--forward-tokens", "26", "--draft-vocab", "8192", "--draft-quant", "int8"])
     assert a.rounds and a.forward_tokens == (26,) and a.draft_vocab == 8192 and a.draft_quant == "int8"
     assert bench.parse_args(["--eagle"]).forward_tokens == (1, 8, 26, 64)  # issue #3's sizes by default
+    assert bench.parse_args(["--eagle"]).feature_layers == ()
+    assert bench.parse_args(["--eagle", "--feature-layers", "15,2"]).feature_layers == (2, 15)
