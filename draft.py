@@ -263,6 +263,12 @@ class HeadError(CheckpointError):
     """A draft head that is missing, unreadable or does not fit the target."""
 
 
+def check_feature_layers(layers: tuple[int, ...], n_layers: int, what: str) -> None:
+    """HeadError unless every layer a head fuses (feature_layers) is one of the target's n_layers."""
+    if any(not isinstance(i, int) or not 0 <= i < n_layers for i in layers):
+        raise HeadError(f"{what} reads the target's layers {list(layers)}, but the target has {n_layers} layers")
+
+
 def save_head(head: EagleHead, folder: str | Path, extra: dict | None = None) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
 
@@ -336,9 +342,7 @@ def load_head(folder: str | Path, target_args: ModelArgs, device="cpu", dtype=to
         raise HeadError(f"EAGLE head {folder} (dim {args.dim}, vocab {args.vocab_size}) does not fit the target "
                         f"(dim {target_args.dim}, vocab {target_args.vocab_size})")  # fmt: skip
     layers = tuple(cfg.get("feature_layers") or ())
-    if any(not isinstance(i, int) or not 0 <= i < target_args.n_layers for i in layers):
-        raise HeadError(f"EAGLE head {folder} reads the target's layers {list(layers)}, but the target has "
-                        f"{target_args.n_layers}")  # fmt: skip
+    check_feature_layers(layers, target_args.n_layers, f"EAGLE head {folder}")
     head = EagleHead(args, fc_bias=cfg.get("fc_bias", True), feature_layers=layers)
     try:
         head.load_state_dict(sd, strict=True)

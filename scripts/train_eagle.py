@@ -48,7 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from draft import EagleHead, HeadError, load_head, save_head  # noqa: E402
+from draft import EagleHead, HeadError, check_feature_layers, load_head, save_head  # noqa: E402
 from model import Attention, Block, CheckpointError, ModelArgs, Transformer, apply_rope, load_model, rope_table  # noqa: E402
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer  # noqa: E402
 
@@ -361,9 +361,8 @@ def new_head(target: Transformer, init: str, feature_layers: tuple[int, ...] | N
     if head.feature_layers:
         raise UserError(f"--feature-layers {list(feature_layers)}: the --init head already fuses layers "
                         f"{list(head.feature_layers)}")  # fmt: skip
-    if any(not 0 <= i < target.args.n_layers for i in feature_layers):
-        raise UserError(f"--feature-layers {list(feature_layers)}: the target has {target.args.n_layers} layers")
     try:
+        check_feature_layers(tuple(feature_layers), target.args.n_layers, "the head")
         fused = EagleHead(head.args, head.fc_bias, tuple(feature_layers))
     except HeadError as e:
         raise UserError(f"--feature-layers: {e}") from None
