@@ -14,6 +14,9 @@ with EAGLE-1's weights w_f = 1 and w_ce = 0.1 by default (--feature-weight, --ce
 term and trains the token distribution alone over several unrolled steps; --feature-weight 0.1 --ce-weight 1
 --ttt-steps 4 moves this head that way while keeping its architecture. --feature-layers 2,15 adds EAGLE-3's other
 change, feature fusion (draft.py): the head also reads the target's residual streams entering those layers.
+--draft-vocab N trains the cross-entropy over the N most frequent answer tokens only (the --init head's
+draft_vocab.safetensors), as generate.py drafts by default: on SmolLM2 a third of the logits, which is where most of
+a batch's GPU time goes (element-wise passes over [positions, vocabulary]).
 
 Noise: uniform in [-noise, noise] (default 0.1, about 5% of SmolLM2's feature RMS) on the input features only;
 unlike the official code it does not scale with 512 / sequence length. --ttt-steps k adds k unrolled steps
@@ -35,6 +38,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -48,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from draft import EagleHead, HeadError, check_feature_layers, load_head, save_head  # noqa: E402
+from draft import VOCAB_FILE, EagleHead, HeadError, check_feature_layers, load_draft_vocab, load_head, save_head  # noqa: E402
 from model import Attention, Block, CheckpointError, ModelArgs, Transformer, apply_rope, load_model, rope_table  # noqa: E402
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer  # noqa: E402
 
@@ -163,12 +167,29 @@ def shift(x: Tensor, n: int) -> Tensor:
 
 def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tensor, feats: Tensor, rope: Tensor,
                steps: int, noise: float, gen: torch.Generator | None, weights: tuple[float, float] = (1.0, 0.1),
-               ) -> tuple[Tensor, dict]:  # fmt: skip
+               vocab: Tensor | None = None) -> tuple[Tensor, dict]:  # fmt: skip
     """tokens, mask: [B, S] (mask: t is an assistant token); feats: the target's [B, S, F]; weights: (feature,
-    cross-entropy) -> (weighted loss, per-step sums for metrics).
+    cross-entropy); vocab: sorted token ids [V'] of a draft vocabulary (None: all V) -> (weighted loss, per-step
+    sums for metrics).
 
     Scored positions: i with mask[i + 2] (step 0). Step j scores the same chains, at those i where mask[i + j + 2].
+    The teacher of step j at chain i is the target's distribution at position i + j + 1, the same table for every
+    step: it is computed once, at the positions q whose next token is scored (mask[q + 1]).
+    With a draft vocabulary the draft's logits cover V' only (as generate.py --draft-vocab drafts), the teacher's
+    probabilities are those of the full softmax at V' (they sum to mass <= 1), the cross-entropy is
+    sum_v p_v * (logsumexp(draft) - draft_v) over V' (minimized by the draft matching p restricted to V'), and a step
+    is correct iff the draft's argmax in V' is the target's argmax over all V.
     """
+    D = head.args.dim
+    need = shift(mask, 1)  # [B, S]: position q's distribution is read by some step
+    with torch.no_grad():
+        logits = target.output(feats[..., :D][need]).float()  # [Q, V]
+        teacher_top = logits.argmax(-1)  # [Q]
+        probs = logits.softmax(-1) if vocab is None else logits.softmax(-1)[:, vocab]  # [Q, V or V']
+        del logits
+    row = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+    row[need] = torch.arange(probs.size(0), device=mask.device)  # [B, S]: index into probs, -1 = not read
+    draft_out = target.output if vocab is None else (lambda y: F.linear(y, target.output.weight[vocab]))
     emb = shift(target.tok_embeddings(tokens), 1)  # t_{i+1} at index i
     x0 = feats
     if noise > 0 and gen is not None:
@@ -176,27 +197,31 @@ def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tenso
     preds = head_unrolled(head, emb, x0, rope, steps)
     sel = shift(mask, 2)  # [B, S]: chains to score
     total = torch.zeros((), device=tokens.device)
-    stats: dict[str, list[float]] = {"loss": [], "n": [], "correct": []}
+    sums: list[Tensor] = []  # per step: loss sum, scored count, correct count (one host sync at the end)
     chain_ok = torch.ones(int(sel.sum()), dtype=torch.bool, device=tokens.device)  # per chain: all steps right
     accepted = torch.zeros_like(chain_ok, dtype=torch.long)
     for j, pred in enumerate(preds):
-        valid = shift(mask, j + 2)[sel]  # [M]: step j's target token exists and is an assistant token
-        p, f = pred[sel].float(), shift(feats[..., : pred.size(-1)], j + 1)[sel].float()  # [M, D]
-        teacher = target.output(f).float()  # [M, V]
-        draft = target.output(p).float()
+        r = shift(row, j + 1)[sel]  # [M]: teacher row of step j's target, -1 where t_{i+j+2} is not scored
+        valid = r >= 0  # == shift(mask, j + 2)[sel]
+        r = r.clamp(min=0)
+        p, f = pred[sel].float(), shift(feats[..., :D], j + 1)[sel].float()  # [M, D]
+        draft = draft_out(p).float()  # [M, V or V']
+        teacher = probs[r]  # [M, V or V']
+        mass = 1.0 if vocab is None else teacher.sum(-1)
         reg = F.smooth_l1_loss(p, f, reduction="none").mean(-1)  # [M]
-        ce = torch.logsumexp(draft, -1) - (teacher.softmax(-1) * draft).sum(-1)  # soft cross-entropy: [M]
+        ce = mass * torch.logsumexp(draft, -1) - (teacher * draft).sum(-1)  # soft cross-entropy: [M]
         per_pos = (weights[0] * reg + weights[1] * ce) * valid
-        n = int(valid.sum())
-        loss_j = per_pos.sum() / max(n, 1)
+        n = valid.sum()
+        loss_j = per_pos.sum() / n.clamp(min=1)
         total = total + STEP_DECAY**j * loss_j
-        correct = (draft.argmax(-1) == teacher.argmax(-1)) & valid
+        top = draft.argmax(-1) if vocab is None else vocab[draft.argmax(-1)]
+        correct = (top == teacher_top[r]) & valid
         chain_ok &= correct
         accepted += chain_ok
-        stats["loss"].append(per_pos.sum().item())
-        stats["n"].append(n)
-        stats["correct"].append(int(correct.sum()))
-    stats["chains"], stats["accepted"] = int(sel.sum()), int(accepted.sum())
+        sums.append(torch.stack([per_pos.sum().detach().double(), n.double(), correct.sum().double()]))
+    loss_sum, n_sum, correct_sum = torch.stack(sums).T.tolist()
+    stats = {"loss": loss_sum, "n": [int(x) for x in n_sum], "correct": [int(x) for x in correct_sum],
+             "chains": int(sel.sum()), "accepted": int(accepted.sum())}  # fmt: skip
     return total, stats
 
 
@@ -374,6 +399,25 @@ def new_head(target: Transformer, init: str, feature_layers: tuple[int, ...] | N
     return fused
 
 
+def draft_vocab(a: argparse.Namespace, vocab_size: int, device: torch.device) -> Tensor | None:
+    """--draft-vocab N: the N most frequent ids of the --init head's draft_vocab.safetensors, sorted; None for 0."""
+    if not a.draft_vocab:
+        return None
+    if a.init in ("random", "last-layer"):
+        raise UserError("--draft-vocab reads draft_vocab.safetensors beside the --init head: give --init HEAD_DIR")
+    try:
+        return load_draft_vocab(a.init, a.draft_vocab, vocab_size).to(device).sort().values
+    except HeadError as e:
+        raise UserError(f"--draft-vocab: {e}") from None
+
+
+def keep_vocab_file(init: str, out: str) -> None:
+    """A head trained further keeps its init's draft vocabulary file (statistics of the same kind of data)."""
+    src, dst = Path(init) / VOCAB_FILE, Path(out) / VOCAB_FILE
+    if src.is_file() and not dst.is_file():
+        shutil.copyfile(src, dst)
+
+
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to 10% of the peak as progress goes from 0 to 1."""
     if step < warmup:
@@ -398,7 +442,7 @@ def evaluate(target: Transformer, head: EagleHead, data: Conversations, batches:
         tokens, mask = collate(data, batch, a.max_len, device)
         with autocast(device):
             feats = target_features(target, tokens, rope, head.feature_layers)
-            _, s = batch_loss(target, head, tokens, mask, feats, rope, steps, 0.0, None, a.weights)
+            _, s = batch_loss(target, head, tokens, mask, feats, rope, steps, 0.0, None, a.weights, a.vocab)
         loss = [x + y for x, y in zip(loss, s["loss"], strict=True)]
         n = [x + y for x, y in zip(n, s["n"], strict=True)]
         correct = [x + y for x, y in zip(correct, s["correct"], strict=True)]
@@ -432,7 +476,7 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
     record = {"command": "python scripts/train_eagle.py " + shlex.join(a.argv), "data": a.data,
               "sharegpt": a.sharegpt, "epochs": a.epochs, "lr": a.lr, "batch_tokens": a.batch_tokens,
               "ttt_steps": a.ttt_steps, "feature_layers": list(head.feature_layers), "feature_weight": a.weights[0],
-              "ce_weight": a.weights[1], "init": a.init,
+              "ce_weight": a.weights[1], "draft_vocab": a.draft_vocab, "init": a.init,
               "noise": a.noise, "seed": a.seed, "max_len": a.max_len,
               "conversations": len(data),
               "train_conversations": len(train_ids), "heldout_conversations": len(held),
@@ -456,7 +500,9 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
             with autocast(device):
                 with torch.no_grad():
                     feats = target_features(target, tokens, rope, head.feature_layers)  # [B, S, F]
-                loss, s = batch_loss(target, head, tokens, mask, feats, rope, steps, a.noise, noise_gen, a.weights)
+                loss, s = batch_loss(
+                    target, head, tokens, mask, feats, rope, steps, a.noise, noise_gen, a.weights, a.vocab
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, a.clip)
@@ -476,6 +522,7 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
                                   "stopped_early": out_of_time})  # fmt: skip
         record.update(epochs_done=epoch, final=ev, minutes=round(minutes, 2))
         save_head(head, a.out, extra={"training": record})
+        keep_vocab_file(a.init, a.out)
         if out_of_time:
             break
     return record
@@ -522,6 +569,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "feature (draft.py; after EAGLE-3, which reads layers 2, L/2 and L-3). A head given by\n"
                         "--init without fusion starts with fuse = [I, 0, ...], i.e. unchanged. Default: the\n"
                         "--init head's")  # fmt: skip
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="train the draft's token distribution over the N most frequent answer tokens only, as\n"
+                        "generate.py --draft-vocab N drafts (draft_vocab.safetensors of the --init head):\n"
+                        "a third of the logits for N = 16384 on SmolLM2. Accuracies and tau_chain then count\n"
+                        "a step right iff the draft's pick there is the target's token. 0 = all (0)")  # fmt: skip
     p.add_argument("--eval-steps", type=int, default=5, help="chain length of the held-out tau estimate (5)")
     p.add_argument("--init", default="random",
                    help="head layer: random (default), last-layer = a copy of the target's last layer (slower start:\n"
@@ -550,6 +602,8 @@ def check_args(a: argparse.Namespace) -> torch.device:
         raise UserError("--device cuda asked for, but no CUDA GPU is available")
     if not a.data and not a.sharegpt:
         raise UserError("give training data: --data FILE[,FILE...] and/or --sharegpt JSONL")
+    if a.draft_vocab < 0:
+        raise UserError("--draft-vocab must be >= 0 (0 = all tokens)")
     if a.epochs < 1 or a.lr <= 0 or a.batch_tokens < 1 or a.max_len < 4 or a.ttt_steps < 0 or a.eval_steps < 1:
         raise UserError("need --epochs >= 1, --lr > 0, --batch-tokens >= 1, --max-len >= 4, --ttt-steps >= 0, "
                         "--eval-steps >= 1")  # fmt: skip
@@ -582,6 +636,7 @@ def main(argv=None) -> dict:
         if a.max_len > target.args.max_seq_len:
             raise UserError(f"--max-len {a.max_len} exceeds the model's context of {target.args.max_seq_len}")
         head = new_head(target, a.init, a.feature_layers).to(device)
+        a.vocab = draft_vocab(a, V, device)
         log(f"{len(data)} conversations, {len(data.tokens)} tokens ({int(data.mask.sum())} assistant) on {device}; "
             f"head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters")  # fmt: skip
         record = train(target, head, data, a, device)

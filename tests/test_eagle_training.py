@@ -205,6 +205,82 @@ def test_loss_weights_scale_the_feature_and_cross_entropy_terms(ckpt, dataset):
     )
 
 
+def reference_loss(target, head, tokens, mask, feats, rope, steps, weights, vocab=None):
+    """batch_loss written naively: every step computes its teacher from the shifted features, as EAGLE does."""
+    D = head.args.dim
+    emb = TE.shift(target.tok_embeddings(tokens), 1)
+    preds = TE.head_unrolled(head, emb, feats, rope, steps)
+    sel = TE.shift(mask, 2)
+    w = target.output.weight if vocab is None else target.output.weight[vocab]
+    total, correct, ok = 0.0, [], torch.ones(int(sel.sum()), dtype=torch.bool)
+    for j, pred in enumerate(preds):
+        valid = TE.shift(mask, j + 2)[sel]
+        p, f = pred[sel], TE.shift(feats[..., :D], j + 1)[sel]
+        t_logits = target.output(f)
+        q = torch.log_softmax(p @ w.T, -1)
+        t = t_logits.softmax(-1) if vocab is None else t_logits.softmax(-1)[:, vocab]
+        ce = -(t * q).sum(-1)
+        reg = torch.nn.functional.smooth_l1_loss(p, f, reduction="none").mean(-1)
+        total = total + TE.STEP_DECAY**j * ((weights[0] * reg + weights[1] * ce) * valid).sum() / valid.sum()
+        pick = q.argmax(-1) if vocab is None else vocab[q.argmax(-1)]
+        hit = (pick == t_logits.argmax(-1)) & valid
+        ok &= hit
+        correct.append(int(hit.sum()))
+    return total, correct, int(ok.sum())
+
+
+@pytest.mark.parametrize("vocab", ["all", "sub", "sorted-all"])
+def test_batch_loss_equals_the_naive_loss_with_and_without_a_draft_vocabulary(ckpt, dataset, vocab):
+    """The teacher table computed once per batch (and --draft-vocab's restricted logits) give the loss, gradients and
+    accuracy counts of the naive per-step computation."""
+    data_file, _ = dataset
+    target = M.load_model(ckpt).requires_grad_(False)
+    torch.manual_seed(0)
+    head = TE.new_head(target, "random")
+    data = TE.load_generated(str(data_file), target.args.vocab_size)
+    tokens, mask = TE.collate(data, [0, 1, 2], 128, "cpu")
+    rope = M.rope_table(head.args, 160)
+    feats = TE.target_features(target, tokens, rope)
+    V = target.args.vocab_size
+    ids = {"all": None, "sub": torch.randperm(V)[: V // 3].sort().values, "sorted-all": torch.arange(V)}[vocab]
+    loss, stats = TE.batch_loss(target, head, tokens, mask, feats, rope, 3, 0.0, None, (0.3, 1.0), ids)
+    grads = torch.autograd.grad(loss, list(head.parameters()))
+    ref, correct, accepted = reference_loss(target, head, tokens, mask, feats, rope, 3, (0.3, 1.0), ids)
+    ref_grads = torch.autograd.grad(ref, list(head.parameters()))
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    assert stats["correct"] == correct and stats["accepted"] == accepted
+    assert stats["n"][0] == int(TE.shift(mask, 2).sum())
+
+
+def test_training_over_a_draft_vocabulary_keeps_the_vocabulary_file(ckpt, dataset, tmp_path, capsys):
+    """--draft-vocab N trains over the --init head's N most frequent ids; the trained head keeps the file."""
+    from safetensors.torch import save_file
+
+    data_file, _ = dataset
+    target = M.load_model(ckpt)
+    torch.manual_seed(2)
+    init = tmp_path / "init"
+    Dr.save_head(TE.new_head(target, "random"), init)
+    V = target.args.vocab_size
+    save_file({"ids": torch.randperm(V), "counts": torch.arange(V, 0, -1)}, str(init / Dr.VOCAB_FILE))
+    common = ["--checkpoint", str(ckpt), "--data", str(data_file), "--epochs", "1", "--lr", "1e-3", "--warmup", "2",
+              "--batch-tokens", "256", "--ttt-steps", "1", "--holdout", "0.2", "--eval-steps", "2",
+              "--device", "cpu"]  # fmt: skip
+    record = TE.main([*common, "--init", str(init), "--draft-vocab", "64", "--out", str(tmp_path / "out")])
+    assert record["draft_vocab"] == 64 and record["history"][-1]["heldout"]["loss"] > 0
+    assert (tmp_path / "out" / Dr.VOCAB_FILE).read_bytes() == (init / Dr.VOCAB_FILE).read_bytes()
+    capsys.readouterr()
+    for extra, msg in [(["--draft-vocab", "64"], "give --init HEAD_DIR"),
+                       (["--init", str(init), "--draft-vocab", "8"], "pick 16 .."),
+                       (["--draft-vocab", "-1"], "must be >= 0")]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            TE.main([*common, *extra, "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+
+
 @torch.no_grad()
 def test_fusing_layers_into_a_trained_head_starts_unchanged(ckpt, tmp_path, capsys):
     """--feature-layers on an --init head without fusion: fuse = [I, 0, ...], so the head drafts as before; the
