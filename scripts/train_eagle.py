@@ -189,7 +189,12 @@ def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tenso
         del logits
     row = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
     row[need] = torch.arange(probs.size(0), device=mask.device)  # [B, S]: index into probs, -1 = not read
-    draft_out = target.output if vocab is None else (lambda y: F.linear(y, target.output.weight[vocab]))
+    if vocab is None:
+        draft_out = target.output
+    else:  # the LM head's rows for the draft vocabulary (dequantized if the target is a quantize.py checkpoint)
+        out = target.output
+        w = (out.dequantize(feats.dtype) if hasattr(out, "dequantize") else out.weight)[vocab]  # [V', D]
+        draft_out = lambda y: F.linear(y, w)  # noqa: E731
     emb = shift(target.tok_embeddings(tokens), 1)  # t_{i+1} at index i
     x0 = feats
     if noise > 0 and gen is not None:

@@ -254,6 +254,34 @@ def test_batch_loss_equals_the_naive_loss_with_and_without_a_draft_vocabulary(ck
     assert stats["n"][0] == int(TE.shift(mask, 2).sum())
 
 
+def test_draft_vocabulary_loss_on_an_int8_target(ckpt, dataset, tmp_path, capsys):
+    """--draft-vocab with a quantize.py checkpoint: the draft's logits use the dequantized LM-head rows."""
+    import shutil
+
+    import quantize as Q
+
+    data_file, _ = dataset
+    shutil.copytree(ckpt, tmp_path / "ck")
+    Q.main(["--checkpoint", str(tmp_path / "ck"), "--mode", "int8", "--device", "cpu"])
+    capsys.readouterr()
+    target = M.load_model(tmp_path / "ck" / "model_int8.pth").requires_grad_(False)
+    assert hasattr(target.output, "dequantize")
+    torch.manual_seed(0)
+    head = TE.new_head(target, "random")
+    data = TE.load_generated(str(data_file), target.args.vocab_size)
+    tokens, mask = TE.collate(data, [0, 1], 128, "cpu")
+    rope = M.rope_table(head.args, 160)
+    feats = TE.target_features(target, tokens, rope)
+    ids = torch.randperm(target.args.vocab_size)[:100].sort().values
+    loss, stats = TE.batch_loss(target, head, tokens, mask, feats, rope, 2, 0.0, None, (0.3, 1.0), ids)
+    dense = torch.nn.Linear(target.args.dim, target.args.vocab_size, bias=False)
+    dense.weight.data = target.output.dequantize(torch.float32)
+    target.output = dense
+    ref, correct, _ = reference_loss(target, head, tokens, mask, feats, rope, 2, (0.3, 1.0), ids)
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-4)
+    assert stats["correct"] == correct
+
+
 def test_training_over_a_draft_vocabulary_keeps_the_vocabulary_file(ckpt, dataset, tmp_path, capsys):
     """--draft-vocab N trains over the --init head's N most frequent ids; the trained head keeps the file."""
     from safetensors.torch import save_file
