@@ -182,17 +182,22 @@ def test_training_forward_equals_cached_head(ckpt, steps, fused):
             torch.testing.assert_close(outs[j][:, i], y[:, 0], atol=1e-5, rtol=1e-5)
 
 
+def loss_inputs(target, data_file, rows):
+    """A random head (seed 0) and the batch of conversations `rows`: (head, tokens, mask, feats, rope)."""
+    torch.manual_seed(0)
+    head = TE.new_head(target, "random")
+    data = TE.load_generated(str(data_file), target.args.vocab_size)
+    tokens, mask = TE.collate(data, rows, 128, "cpu")
+    rope = M.rope_table(head.args, 160)
+    return head, tokens, mask, TE.target_features(target, tokens, rope), rope
+
+
 @torch.no_grad()
 def test_loss_weights_scale_the_feature_and_cross_entropy_terms(ckpt, dataset):
     """--feature-weight / --ce-weight: the loss is linear in the two weights, and both terms count."""
     data_file, _ = dataset
     target = M.load_model(ckpt)
-    torch.manual_seed(0)
-    head = TE.new_head(target, "random")
-    data = TE.load_generated(str(data_file), target.args.vocab_size)
-    tokens, mask = TE.collate(data, [0, 1], 128, "cpu")
-    rope = M.rope_table(head.args, 160)
-    feats = TE.target_features(target, tokens, rope)
+    head, tokens, mask, feats, rope = loss_inputs(target, data_file, [0, 1])
 
     def loss(w):
         return TE.batch_loss(target, head, tokens, mask, feats, rope, 3, 0.0, None, w)[0]
@@ -235,12 +240,7 @@ def test_batch_loss_equals_the_naive_loss_with_and_without_a_draft_vocabulary(ck
     accuracy counts of the naive per-step computation."""
     data_file, _ = dataset
     target = M.load_model(ckpt).requires_grad_(False)
-    torch.manual_seed(0)
-    head = TE.new_head(target, "random")
-    data = TE.load_generated(str(data_file), target.args.vocab_size)
-    tokens, mask = TE.collate(data, [0, 1, 2], 128, "cpu")
-    rope = M.rope_table(head.args, 160)
-    feats = TE.target_features(target, tokens, rope)
+    head, tokens, mask, feats, rope = loss_inputs(target, data_file, [0, 1, 2])
     V = target.args.vocab_size
     ids = {"all": None, "sub": torch.randperm(V)[: V // 3].sort().values, "sorted-all": torch.arange(V)}[vocab]
     loss, stats = TE.batch_loss(target, head, tokens, mask, feats, rope, 3, 0.0, None, (0.3, 1.0), ids)
@@ -266,12 +266,7 @@ def test_draft_vocabulary_loss_on_an_int8_target(ckpt, dataset, tmp_path, capsys
     capsys.readouterr()
     target = M.load_model(tmp_path / "ck" / "model_int8.pth").requires_grad_(False)
     assert hasattr(target.output, "dequantize")
-    torch.manual_seed(0)
-    head = TE.new_head(target, "random")
-    data = TE.load_generated(str(data_file), target.args.vocab_size)
-    tokens, mask = TE.collate(data, [0, 1], 128, "cpu")
-    rope = M.rope_table(head.args, 160)
-    feats = TE.target_features(target, tokens, rope)
+    head, tokens, mask, feats, rope = loss_inputs(target, data_file, [0, 1])
     ids = torch.randperm(target.args.vocab_size)[:100].sort().values
     loss, stats = TE.batch_loss(target, head, tokens, mask, feats, rope, 2, 0.0, None, (0.3, 1.0), ids)
     dense = torch.nn.Linear(target.args.dim, target.args.vocab_size, bias=False)
