@@ -3,6 +3,7 @@
     python scripts/bench.py --plain --model smollm2 --model 7b      # plain compiled decoding (issue targets)
     python scripts/bench.py --rounds --model smollm2 --model 7b     # EAGLE per-round costs with a random head
     python scripts/bench.py --mt-bench --eagle heads/SmolLM2-135M-Instruct   # tau and tok/s, plain vs EAGLE
+    python scripts/bench.py --eagle NEW_HEAD --compare-head heads/SmolLM2-135M-Instruct   # two heads, one run
 
 Models: `smollm2` = the real checkpoint (checkpoints/SmolLM2-135M-Instruct), `smollm2-shape` = its shape with random
 weights (no checkpoint needed: same speed, for quick A/B runs), `7b` = Llama-2-7B shape, random weights.
@@ -377,8 +378,11 @@ def outputs_sha1(runs) -> str:
     return hashlib.sha1(json.dumps([r.output_ids for r in runs]).encode()).hexdigest()
 
 
-def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new: int, draft_vocab: int | None) -> dict:
-    """Real SmolLM2 on MT-bench first turns, greedy: plain compiled vs EAGLE, same run; tau per category."""
+def bench_mt_bench(head_dirs: list[str], tree_specs: list[str], n_prompts: int, max_new: int,
+                   draft_vocab: int | None) -> dict:  # fmt: skip
+    """Real SmolLM2 on MT-bench first turns, greedy: plain compiled vs EAGLE with each head and tree, same run (one
+    plain baseline, one set of autotuned kernels); tau per category. Results are keyed by tree spec for the first
+    head, by "HEAD SPEC" for the others."""
     model, tok = load("smollm2")
     questions = G.read_prompts(str(MT_BENCH))[:n_prompts]
     cats = [json.loads(line).get("category", "?") for line in MT_BENCH.read_text().splitlines() if line.strip()]
@@ -396,10 +400,24 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         "seconds": sum(r.seconds for r in runs), "tokens": sum(len(r.output_ids) for r in runs),
         "outputs_sha1": outputs_sha1(runs),
     }  # fmt: skip
+    for h, head_dir in enumerate(head_dirs):
+        prefix = "" if h == 0 else f"{head_dir} "
+        res.update(bench_head_mt_bench(model, tok, head_dir, tree_specs, prompts, questions, cats, runs, T_, max_new,
+                                       draft_vocab, prefix))  # fmt: skip
+    res["draft_vocab"] = res[tree_specs[0]]["draft_vocab"] if tree_specs else None
+    return res
+
+
+def bench_head_mt_bench(model, tok, head_dir: str, tree_specs: list[str], prompts: list, questions: list, cats: list,
+                        runs: list, T_: int, max_new: int, draft_vocab: int | None, prefix: str) -> dict:  # fmt: skip
+    """bench_mt_bench's EAGLE runs with one head: {prefix + tree spec: results}, each printed when done; runs: the
+    plain runs of the same prompts."""
     head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
     quantize_head(head)
-    res["draft_vocab"] = apply_draft_vocab(head, head_dir, draft_vocab, model) or None
+    size = apply_draft_vocab(head, head_dir, draft_vocab, model) or None
     apply_kernel_choice(head)
+    plain_tok_s = sum(len(r.output_ids) for r in runs) / sum(r.seconds for r in runs)
+    res: dict = {}
     for spec in tree_specs:
         split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
         name = spec.removesuffix("+split")
@@ -418,11 +436,12 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
         for q, r in zip(questions, eruns, strict=True):
             by_cat.setdefault(cats[int(q.id) - 81] if q.id.isdigit() else "?", []).append(r.stats["accept_len_mean"])
         same = sum(r.output_ids == e.output_ids for r, e in zip(runs, eruns, strict=True))
-        res[spec] = {
+        res[prefix + spec] = {
             "tokens_per_s": toks / sum(r.seconds for r in eruns), "tau": sum(taus) / len(taus),
             "tau_tokens_per_round": (toks - len(prompts)) / rounds,
             "tau_by_category": {k: sum(v) / len(v) for k, v in by_cat.items()},
-            "speedup_vs_plain": toks / sum(r.seconds for r in eruns) / res["plain"]["tokens_per_s"],
+            "speedup_vs_plain": toks / sum(r.seconds for r in eruns) / plain_tok_s,
+            "head": head_dir, "draft_vocab": size,
             "identical_outputs_bf16": same,
             "round_s": sum(r.stats["round_seconds"] for r in eruns),
             "draft_s": sum(r.stats["draft_seconds"] for r in eruns) if split else None,
@@ -433,7 +452,7 @@ def bench_mt_bench(head_dir: str, tree_specs: list[str], n_prompts: int, max_new
             "prefill_s": sum(r.prefill_seconds for r in eruns),
             "outputs_sha1": outputs_sha1(eruns),
         }  # fmt: skip
-        print(json.dumps({spec: res[spec]}), flush=True)
+        print(json.dumps({prefix + spec: res[prefix + spec]}), flush=True)
     return res
 
 
@@ -467,6 +486,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with that head (as --mt-bench --eagle HEAD; --mt-bench alone takes the shipped SmolLM2 head)",
     )
     p.add_argument("--tree", action="append", help="tree specs for --rounds / --mt-bench (default: default)")
+    p.add_argument(
+        "--compare-head",
+        action="append",
+        default=[],
+        metavar="HEAD",
+        help="--mt-bench: another head to run with the same trees in the same process, after --eagle's: one plain "
+        "baseline and one set of autotuned kernels for all (results keyed 'HEAD SPEC'); repeatable",
+    )
     p.add_argument("--prompts", type=int, default=80, help="MT-bench questions to use")
     p.add_argument(
         "--forward-tokens",
@@ -562,6 +589,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif a.eagle is not None:
         a.mt_bench = True
     a.eagle = a.eagle or HEAD
+    if a.compare_head and not a.mt_bench:
+        p.error("--compare-head needs --mt-bench (or --eagle HEAD)")
+    for head in a.compare_head:
+        if not (Path(head) / "config.json").is_file():
+            p.error(f"--compare-head {head}: no EAGLE head there (config.json missing)")
     return a
 
 
@@ -609,7 +641,11 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
                 print(json.dumps(r), flush=True)
     if a.mt_bench:
         res["mt_bench"] = bench_mt_bench(
-            a.eagle, a.tree or ["default", "chain:5"], a.prompts, a.max_new_tokens or 256, a.draft_vocab
+            [a.eagle, *a.compare_head],
+            a.tree or ["default", "chain:5"],
+            a.prompts,
+            a.max_new_tokens or 256,
+            a.draft_vocab,
         )
     res["tuned_configs"] = kernels.tuned_configs()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -204,6 +204,56 @@ def test_bench_main_runs_under_inference_mode(monkeypatch):
     assert seen == [True]
 
 
+def test_bench_mt_bench_keys_every_head_and_tree(monkeypatch):
+    """bench.py --mt-bench --eagle A --compare-head B: one plain baseline, then each head with each tree, keyed by
+    spec for A and by "B spec" for B (the GPU-only loop, run here with stand-in generators)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import types  # noqa: PLC0415
+
+    import bench  # noqa: PLC0415
+
+    class Tok:
+        stop_ids = (0,)
+
+        def encode_prompt(self, text, chat):
+            return [1, 2, 3]
+
+    def result(tokens, rounds=None):
+        stats = {"host_launch_seconds": 0.1, "host_wait_seconds": 0.2, "rounds": rounds or 1, "accept_len_mean": 2.0,
+                 "round_seconds": 0.5, "draft_seconds": 0.0, "verify_seconds": 0.0}  # fmt: skip
+        return types.SimpleNamespace(output_ids=tokens, seconds=1.0, stats=stats, prefill_seconds=0.1)
+
+    class Plain:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, prompt, max_new, stop):
+            return result([5] * 8)
+
+    class Eagle(Plain):
+        def __init__(self, model, head, tree, *args, **kwargs):
+            self.head = head
+
+        def generate(self, prompt, max_new, stop):
+            return result([5] * (8 if self.head == "A" else 12), rounds=4)
+
+    model = types.SimpleNamespace(args=None)
+    monkeypatch.setattr(bench, "load", lambda name: (model, Tok()))
+    monkeypatch.setattr(bench, "load_head", lambda d, *args: d)
+    monkeypatch.setattr(bench, "apply_draft_vocab", lambda head, d, size, target: 16384)
+    for name in ("quantize_head", "apply_kernel_choice", "warm_prefill", "profile"):
+        monkeypatch.setattr(bench, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench.G, "Generator", Plain)
+    monkeypatch.setattr(bench.G, "EagleGenerator", Eagle)
+    res = bench.bench_mt_bench(["A", "B"], ["default", "chain:5"], 3, 16, None)
+    assert [k for k in res if k not in ("prompts", "max_new_tokens", "plain", "draft_vocab")] == [
+        "default", "chain:5", "B default", "B chain:5"]  # fmt: skip
+    assert res["plain"]["tokens_per_s"] == 8.0 and res["draft_vocab"] == 16384
+    assert res["default"]["head"] == "A" and res["B chain:5"]["head"] == "B"
+    assert res["default"]["speedup_vs_plain"] == 1.0 and res["B default"]["speedup_vs_plain"] == 1.5
+    assert res["default"]["identical_outputs_bf16"] == 3 and res["B default"]["identical_outputs_bf16"] == 0
+
+
 def test_bench_eagle_flag(monkeypatch):
     """Issue #3 names `scripts/bench.py --eagle` for per-round costs with a random head; with a head it benchmarks that
     head on MT-bench (`--rounds` and `--mt-bench` stay as the explicit forms)."""
@@ -221,3 +271,10 @@ def test_bench_eagle_flag(monkeypatch):
     assert bench.parse_args(["--eagle"]).forward_tokens == (1, 8, 26, 64)  # issue #3's sizes by default
     assert bench.parse_args(["--eagle"]).feature_layers == ()
     assert bench.parse_args(["--eagle", "--feature-layers", "15,2"]).feature_layers == (2, 15)
+    a = bench.parse_args(["--eagle", "some/head", "--compare-head", bench.HEAD, "--compare-head", bench.HEAD])
+    assert a.mt_bench and a.eagle == "some/head" and a.compare_head == [bench.HEAD, bench.HEAD]
+    assert bench.parse_args(["--mt-bench"]).compare_head == []
+    for argv in (["--compare-head", bench.HEAD], ["--mt-bench", "--compare-head", "no/head"]):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(argv)
+        assert e.value.code == 2
