@@ -92,10 +92,8 @@ class EagleHead(nn.Module):
         if ids is None:
             self.vocab = self.vocab_rows = None
             return
-        dtype, out = self.layer.ffn_norm.weight.dtype, target.output
-        w = out.dequantize(dtype) if hasattr(out, "dequantize") else out.weight  # quantize.py's modules dequantize
-        ids = ids.to(device=w.device, dtype=torch.long).sort().values
-        self.vocab, self.vocab_rows = ids, w[ids].to(dtype).contiguous()
+        ids = ids.to(device=self.fc.weight.device, dtype=torch.long).sort().values
+        self.vocab, self.vocab_rows = ids, lm_head_rows(target, ids, self.layer.ffn_norm.weight.dtype)
 
     def logits(self, target: Transformer, y: Tensor) -> Tensor:
         """Draft logits for predicted features y [..., D]: over the draft vocabulary [..., V'] if one is set, else the
@@ -257,6 +255,14 @@ def _top_k(x: Tensor, k: int, lse: bool) -> tuple[Tensor, Tensor, Tensor | None]
     i1 = i1 + torch.arange(0, V, chunk, device=x.device)[:, None]
     v2, i2 = torch.topk(v1.flatten(-2), k, dim=-1)  # [..., k]
     return v2, i1.flatten(-2).gather(-1, i2), s
+
+
+def lm_head_rows(target: Transformer, ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """The target's LM-head rows for token ids [V'] as a dense [V', D] tensor of dtype (dequantized where quantize.py
+    quantized the head)."""
+    out = target.output
+    w = out.dequantize(dtype) if hasattr(out, "dequantize") else out.weight
+    return w[ids.to(w.device)].to(dtype).contiguous()
 
 
 class HeadError(CheckpointError):

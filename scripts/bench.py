@@ -381,8 +381,7 @@ def outputs_sha1(runs) -> str:
 def bench_mt_bench(head_dirs: list[str], tree_specs: list[str], n_prompts: int, max_new: int,
                    draft_vocab: int | None) -> dict:  # fmt: skip
     """Real SmolLM2 on MT-bench first turns, greedy: plain compiled vs EAGLE with each head and tree, same run (one
-    plain baseline, one set of autotuned kernels); tau per category. Results are keyed by tree spec for the first
-    head, by "HEAD SPEC" for the others."""
+    plain baseline, one set of autotuned kernels); tau per category."""
     model, tok = load("smollm2")
     questions = G.read_prompts(str(MT_BENCH))[:n_prompts]
     cats = [json.loads(line).get("category", "?") for line in MT_BENCH.read_text().splitlines() if line.strip()]
@@ -400,59 +399,49 @@ def bench_mt_bench(head_dirs: list[str], tree_specs: list[str], n_prompts: int, 
         "seconds": sum(r.seconds for r in runs), "tokens": sum(len(r.output_ids) for r in runs),
         "outputs_sha1": outputs_sha1(runs),
     }  # fmt: skip
-    for h, head_dir in enumerate(head_dirs):
+    for h, head_dir in enumerate(head_dirs):  # keys: the tree spec for the first head, "HEAD SPEC" for the others
         prefix = "" if h == 0 else f"{head_dir} "
-        res.update(bench_head_mt_bench(model, tok, head_dir, tree_specs, prompts, questions, cats, runs, T_, max_new,
-                                       draft_vocab, prefix))  # fmt: skip
-    res["draft_vocab"] = res[tree_specs[0]]["draft_vocab"] if tree_specs else None
-    return res
-
-
-def bench_head_mt_bench(model, tok, head_dir: str, tree_specs: list[str], prompts: list, questions: list, cats: list,
-                        runs: list, T_: int, max_new: int, draft_vocab: int | None, prefix: str) -> dict:  # fmt: skip
-    """bench_mt_bench's EAGLE runs with one head: {prefix + tree spec: results}, each printed when done; runs: the
-    plain runs of the same prompts."""
-    head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
-    quantize_head(head)
-    size = apply_draft_vocab(head, head_dir, draft_vocab, model) or None
-    apply_kernel_choice(head)
-    plain_tok_s = sum(len(r.output_ids) for r in runs) / sum(r.seconds for r in runs)
-    res: dict = {}
-    for spec in tree_specs:
-        split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
-        name = spec.removesuffix("+split")
-        tree = T.parse_dynamic_spec(name) or T.build_tree(T.parse_tree_spec(name))
-        gen = G.EagleGenerator(
-            model, head, tree, G.Sampling(), T_, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=split
-        )
-        gen.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
-        warm_prefill(gen, prompts)
-        eruns = [gen.generate(p, max_new, tok.stop_ids) for p in prompts]
-        profile(gen, prompts[0], max_new, f"eagle_{spec.replace(':', '').replace('+', '_')}")
-        toks = sum(len(r.output_ids) for r in eruns)
-        rounds = sum(r.stats["rounds"] for r in eruns)
-        taus = [r.stats["accept_len_mean"] for r in eruns]
-        by_cat: dict[str, list[float]] = {}
-        for q, r in zip(questions, eruns, strict=True):
-            by_cat.setdefault(cats[int(q.id) - 81] if q.id.isdigit() else "?", []).append(r.stats["accept_len_mean"])
-        same = sum(r.output_ids == e.output_ids for r, e in zip(runs, eruns, strict=True))
-        res[prefix + spec] = {
-            "tokens_per_s": toks / sum(r.seconds for r in eruns), "tau": sum(taus) / len(taus),
-            "tau_tokens_per_round": (toks - len(prompts)) / rounds,
-            "tau_by_category": {k: sum(v) / len(v) for k, v in by_cat.items()},
-            "speedup_vs_plain": toks / sum(r.seconds for r in eruns) / plain_tok_s,
-            "head": head_dir, "draft_vocab": size,
-            "identical_outputs_bf16": same,
-            "round_s": sum(r.stats["round_seconds"] for r in eruns),
-            "draft_s": sum(r.stats["draft_seconds"] for r in eruns) if split else None,
-            "verify_s": sum(r.stats["verify_seconds"] for r in eruns) if split else None,
-            "seconds": sum(r.seconds for r in eruns), "rounds": rounds, "tokens": toks,
-            "host_launch_s": sum(r.stats["host_launch_seconds"] for r in eruns),
-            "host_wait_s": sum(r.stats["host_wait_seconds"] for r in eruns),
-            "prefill_s": sum(r.prefill_seconds for r in eruns),
-            "outputs_sha1": outputs_sha1(eruns),
-        }  # fmt: skip
-        print(json.dumps({prefix + spec: res[prefix + spec]}), flush=True)
+        head = load_head(head_dir, model.args, "cuda", torch.bfloat16)
+        quantize_head(head)
+        size = apply_draft_vocab(head, head_dir, draft_vocab, model) or None
+        if h == 0:
+            res["draft_vocab"] = size
+        apply_kernel_choice(head)
+        for spec in tree_specs:
+            split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
+            name = spec.removesuffix("+split")
+            tree = T.parse_dynamic_spec(name) or T.build_tree(T.parse_tree_spec(name))
+            gen = G.EagleGenerator(
+                model, head, tree, G.Sampling(), T_, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=split
+            )
+            gen.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
+            warm_prefill(gen, prompts)
+            eruns = [gen.generate(p, max_new, tok.stop_ids) for p in prompts]
+            profile(gen, prompts[0], max_new, f"eagle_{spec.replace(':', '').replace('+', '_')}")
+            toks = sum(len(r.output_ids) for r in eruns)
+            rounds = sum(r.stats["rounds"] for r in eruns)
+            taus = [r.stats["accept_len_mean"] for r in eruns]
+            by_cat: dict[str, list[float]] = {}
+            for q, t in zip(questions, taus, strict=True):
+                by_cat.setdefault(cats[int(q.id) - 81] if q.id.isdigit() else "?", []).append(t)
+            same = sum(r.output_ids == e.output_ids for r, e in zip(runs, eruns, strict=True))
+            res[prefix + spec] = {
+                "tokens_per_s": toks / sum(r.seconds for r in eruns), "tau": sum(taus) / len(taus),
+                "tau_tokens_per_round": (toks - len(prompts)) / rounds,
+                "tau_by_category": {k: sum(v) / len(v) for k, v in by_cat.items()},
+                "speedup_vs_plain": toks / sum(r.seconds for r in eruns) / res["plain"]["tokens_per_s"],
+                "head": head_dir, "draft_vocab": size,
+                "identical_outputs_bf16": same,
+                "round_s": sum(r.stats["round_seconds"] for r in eruns),
+                "draft_s": sum(r.stats["draft_seconds"] for r in eruns) if split else None,
+                "verify_s": sum(r.stats["verify_seconds"] for r in eruns) if split else None,
+                "seconds": sum(r.seconds for r in eruns), "rounds": rounds, "tokens": toks,
+                "host_launch_s": sum(r.stats["host_launch_seconds"] for r in eruns),
+                "host_wait_s": sum(r.stats["host_wait_seconds"] for r in eruns),
+                "prefill_s": sum(r.prefill_seconds for r in eruns),
+                "outputs_sha1": outputs_sha1(eruns),
+            }  # fmt: skip
+            print(json.dumps({prefix + spec: res[prefix + spec]}), flush=True)
     return res
 
 

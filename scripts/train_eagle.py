@@ -52,7 +52,16 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from draft import VOCAB_FILE, EagleHead, HeadError, check_feature_layers, load_draft_vocab, load_head, save_head  # noqa: E402
+from draft import (  # noqa: E402
+    VOCAB_FILE,
+    EagleHead,
+    HeadError,
+    check_feature_layers,
+    lm_head_rows,
+    load_draft_vocab,
+    load_head,
+    save_head,
+)
 from model import Attention, Block, CheckpointError, ModelArgs, Transformer, apply_rope, load_model, rope_table  # noqa: E402
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer  # noqa: E402
 
@@ -185,16 +194,13 @@ def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tenso
     with torch.no_grad():
         logits = target.output(feats[..., :D][need]).float()  # [Q, V]
         teacher_top = logits.argmax(-1)  # [Q]
-        probs = logits.softmax(-1) if vocab is None else logits.softmax(-1)[:, vocab]  # [Q, V or V']
+        probs = logits.softmax(-1)  # [Q, V]
+        if vocab is not None:
+            probs = probs[:, vocab]  # [Q, V']
         del logits
     row = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
     row[need] = torch.arange(probs.size(0), device=mask.device)  # [B, S]: index into probs, -1 = not read
-    if vocab is None:
-        draft_out = target.output
-    else:  # the LM head's rows for the draft vocabulary (dequantized if the target is a quantize.py checkpoint)
-        out = target.output
-        w = (out.dequantize(feats.dtype) if hasattr(out, "dequantize") else out.weight)[vocab]  # [V', D]
-        draft_out = lambda y: F.linear(y, w)  # noqa: E731
+    rows = None if vocab is None else lm_head_rows(target, vocab, feats.dtype)  # [V', D]
     emb = shift(target.tok_embeddings(tokens), 1)  # t_{i+1} at index i
     x0 = feats
     if noise > 0 and gen is not None:
@@ -203,14 +209,14 @@ def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tenso
     sel = shift(mask, 2)  # [B, S]: chains to score
     total = torch.zeros((), device=tokens.device)
     sums: list[Tensor] = []  # per step: loss sum, scored count, correct count (one host sync at the end)
-    chain_ok = torch.ones(int(sel.sum()), dtype=torch.bool, device=tokens.device)  # per chain: all steps right
+    chain_ok = torch.ones(int(sel.sum()), dtype=torch.bool, device=tokens.device)  # [chains]: all steps right
     accepted = torch.zeros_like(chain_ok, dtype=torch.long)
     for j, pred in enumerate(preds):
         r = shift(row, j + 1)[sel]  # [M]: teacher row of step j's target, -1 where t_{i+j+2} is not scored
         valid = r >= 0  # == shift(mask, j + 2)[sel]
         r = r.clamp(min=0)
         p, f = pred[sel].float(), shift(feats[..., :D], j + 1)[sel].float()  # [M, D]
-        draft = draft_out(p).float()  # [M, V or V']
+        draft = (target.output(p) if rows is None else F.linear(p, rows)).float()  # [M, V or V']
         teacher = probs[r]  # [M, V or V']
         mass = 1.0 if vocab is None else teacher.sum(-1)
         reg = F.smooth_l1_loss(p, f, reduction="none").mean(-1)  # [M]
@@ -226,7 +232,7 @@ def batch_loss(target: Transformer, head: EagleHead, tokens: Tensor, mask: Tenso
         sums.append(torch.stack([per_pos.sum().detach().double(), n.double(), correct.sum().double()]))
     loss_sum, n_sum, correct_sum = torch.stack(sums).T.tolist()
     stats = {"loss": loss_sum, "n": [int(x) for x in n_sum], "correct": [int(x) for x in correct_sum],
-             "chains": int(sel.sum()), "accepted": int(accepted.sum())}  # fmt: skip
+             "chains": chain_ok.numel(), "accepted": int(accepted.sum())}  # fmt: skip
     return total, stats
 
 
