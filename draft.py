@@ -265,6 +265,19 @@ def lm_head_rows(target: Transformer, ids: Tensor, dtype: torch.dtype) -> Tensor
     return w[ids.to(w.device)].to(dtype).contiguous()
 
 
+def head_tree(spec: str, folder: str | Path) -> str:
+    """`--tree head`: the static tree that the head folder's config.json names ({"tree": "FILE"}, a JSON file of paths
+    beside it, shaped for this head by scripts/tune_tree.py), or EAGLE-1's 'default' where it names none. Any other
+    spec is returned as it is."""
+    if spec != "head":
+        return spec
+    try:
+        name = json.loads((Path(folder) / "config.json").read_text()).get("tree")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return str(Path(folder) / name) if name else "default"
+
+
 class HeadError(CheckpointError):
     """A draft head that is missing, unreadable or does not fit the target."""
 

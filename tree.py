@@ -31,7 +31,8 @@ class TreeError(ValueError):
 
 
 def parse_tree_spec(spec: str) -> list[list[int]]:
-    """'default', 'chain:K', or a JSON file holding a list of paths."""
+    """'default', 'chain:K', or a JSON file holding a list of paths. ('head', the tree a head folder names, is
+    resolved to one of these by draft.head_tree.)"""
     if spec == "default":
         return [list(p) for p in EAGLE1_TREE]
     if spec.startswith("chain:"):

@@ -31,7 +31,7 @@ import generate as G  # noqa: E402
 import kernels  # noqa: E402
 import model as M  # noqa: E402
 import tree as T  # noqa: E402
-from draft import EagleHead, apply_draft_vocab, load_head  # noqa: E402
+from draft import EagleHead, apply_draft_vocab, head_tree, load_head  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 SMOLLM2 = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -410,6 +410,7 @@ def bench_mt_bench(head_dirs: list[str], tree_specs: list[str], n_prompts: int, 
         for spec in tree_specs:
             split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
             name = spec.removesuffix("+split")
+            name = head_tree(name, head_dir)  # 'head': the tree the head's config names
             tree = T.parse_dynamic_spec(name) or T.build_tree(T.parse_tree_spec(name))
             gen = G.EagleGenerator(
                 model, head, tree, G.Sampling(), T_, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=split
@@ -430,7 +431,7 @@ def bench_mt_bench(head_dirs: list[str], tree_specs: list[str], n_prompts: int, 
                 "tau_tokens_per_round": (toks - len(prompts)) / rounds,
                 "tau_by_category": {k: sum(v) / len(v) for k, v in by_cat.items()},
                 "speedup_vs_plain": toks / sum(r.seconds for r in eruns) / res["plain"]["tokens_per_s"],
-                "head": head_dir, "draft_vocab": size,
+                "head": head_dir, "draft_vocab": size, "tree": name, "tree_tokens": tree.N,
                 "identical_outputs_bf16": same,
                 "round_s": sum(r.stats["round_seconds"] for r in eruns),
                 "draft_s": sum(r.stats["draft_seconds"] for r in eruns) if split else None,

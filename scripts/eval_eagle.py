@@ -23,7 +23,7 @@ import generate as G  # noqa: E402
 import model as M  # noqa: E402
 import quantize  # noqa: E402
 import tree as T  # noqa: E402
-from draft import apply_draft_vocab, load_head  # noqa: E402
+from draft import apply_draft_vocab, head_tree, load_head  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"))
     p.add_argument("--eagle", default=str(ROOT / "heads" / "SmolLM2-135M-Instruct"), help="head folder")
-    p.add_argument("--tree", default="default", help="tree spec (see generate.py --tree)")
+    p.add_argument("--tree", default="default", help="tree spec (see generate.py --tree; default: EAGLE-1's)")
     p.add_argument("--questions", type=int, default=10, help="first N MT-bench questions (first turn)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", default="cpu")
@@ -52,7 +52,8 @@ def main() -> None:
         a.draft_vocab = apply_draft_vocab(head, a.eagle, a.draft_vocab, model)
         if a.draft_quant == "int8":
             quantize.quantize_linears_int8(head, G.DTYPES[a.dtype])
-        tree = T.parse_dynamic_spec(a.tree) or T.build_tree(T.parse_tree_spec(a.tree))
+        spec = head_tree(a.tree, a.eagle)  # 'head': the tree the head's config names
+        tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
     except (M.CheckpointError, T.TreeError) as e:
         sys.exit(f"error: {e}")
     tok = load_tokenizer(Path(a.checkpoint))
