@@ -68,6 +68,10 @@ except ImportError:  # CPU-only installs: nothing here is used
     triton = None
 
 MAX_M = 64  # larger inputs (prefill) go to the dense path of the caller
+# Rows the few-token matmul pads M to at least (16, 32 or 64; bench.py --gemm-min-block-m for A/B runs). On an H200
+# (thirteenth session) a 40-token EAGLE round (64-row tiles) took 1.06 ms against 1.11 for a 26-token one (32-row
+# tiles) that drafts one step fewer: whether the 32-row tiles are the cause is not yet measured.
+GEMM_MIN_BLOCK_M = 16
 NONE, INT8, INT4 = 0, 1, 2
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -631,7 +635,7 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
             ws, cnt = torch.empty(MAX_SPLIT, m, n, dtype=torch.float32, device=x.device), counters(x.device)
         else:
             ws = cnt = y  # never read
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        block_m = max(GEMM_MIN_BLOCK_M, 16 if m <= 16 else 32 if m <= 32 else 64)
         _gemm_kernel[grid](ws, cnt, x, w, s, y, r, b, m, n, k, **flags, BLOCK_M=block_m, launch_pdl=PDL)
     return y
 

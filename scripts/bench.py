@@ -520,6 +520,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"(default kernels.FUSE_MIN_K = {kernels.FUSE_MIN_K}; 0 = always)",
     )
     p.add_argument(
+        "--gemm-min-block-m",
+        type=int,
+        choices=[16, 32, 64],
+        default=None,
+        help=f"few-token matmuls pad their rows to at least this many (default kernels.GEMM_MIN_BLOCK_M = "
+        f"{kernels.GEMM_MIN_BLOCK_M}: 16, 32 or 64 by the token count), for A/B runs of the tile height",
+    )
+    p.add_argument(
         "--draft-vocab",
         type=int,
         default=None,
@@ -599,6 +607,8 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
     pdl = kernels.set_pdl(a.pdl and a.kernel != "torch")
     if a.fuse_min_k is not None:
         kernels.FUSE_MIN_K = a.fuse_min_k
+    if a.gemm_min_block_m is not None:
+        kernels.GEMM_MIN_BLOCK_M = a.gemm_min_block_m
     if a.quant:
         mode, _, g = a.quant.partition(":")
         QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
@@ -609,7 +619,8 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
     res = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
-        "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K, "triton_topk": kernels.TRITON_TOPK,
+        "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
+        "gemm_min_block_m": kernels.GEMM_MIN_BLOCK_M, "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
         "draft_quant": a.draft_quant,
     }  # fmt: skip

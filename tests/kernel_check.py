@@ -137,10 +137,12 @@ def check_fp16():
         w, s, ref_w = weights(quant, 48, 256, 64)
         if quant == K.NONE:
             w = w.half()
-        for m in (1, 5, 26):
+        for m, min_block_m in ((1, 16), (5, 16), (26, 16), (5, 64), (26, 64)):  # 64: rows padded to 64 (bench.py A/B)
+            K.GEMM_MIN_BLOCK_M = min_block_m
             x = torch.randn(m, 256).half()
             y = K.wmm(x, w, s.half() if quant == K.INT8 else s, quant, 64)
-            assert y.dtype == torch.float16 and rel_err(y, x.float() @ ref_w.T) < 2e-3, (quant, m)
+            assert y.dtype == torch.float16 and rel_err(y, x.float() @ ref_w.T) < 2e-3, (quant, m, min_block_m)
+    K.GEMM_MIN_BLOCK_M = 16
     print("fp16 ok")
 
 
