@@ -710,12 +710,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--tree",
-        default="head",
-        help="EAGLE draft tree: 'head' (the default: the static tree shipped with the head, named in its config.json; "
-        "for SmolLM2 40 tokens, depth 6; EAGLE-1's where the head names none), 'default' (EAGLE-1, 26 tokens), "
+        default=None,
+        help="EAGLE draft tree: 'head' (the static tree shipped with the head, named in its config.json: for SmolLM2 "
+        "40 tokens, depth 6; EAGLE-1's where the head names none), 'default' (EAGLE-1, 26 tokens), "
         "'chain:K', a JSON file of paths, the dynamic "
         "EAGLE-2 tree 'eagle2[:K=10,D=6,N=60]' (K children per expanded node, depth D, N tokens), or 'auto' "
-        "(EAGLE-2 with N chosen from the measured forward latency on this device, cached)",
+        "(EAGLE-2 with N chosen from the measured forward latency on this device, cached). Default: 'head' on a "
+        "GPU, 'default' on the CPU (where a bigger tree costs compute, not just launches)",
     )
     return p.parse_args(argv)  # fmt: skip
 
@@ -839,7 +840,9 @@ def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
     if a.eagle is None:
         return Generator(model, sampling, round_up(need, 64), use_compile, a.compile_prefill)
     head_dir = find_head(folder) if a.eagle == "auto" else Path(a.eagle)
-    spec = head_tree(a.tree, head_dir)
+    # no --tree: the head's own tree on a GPU; EAGLE-1's on the CPU, where every tree token costs compute (SmolLM2,
+    # 3 MT-bench questions: the 40-token tree 16.8 tok/s, the 26-token one 21.3, plain 17.3; BENCHMARKS.md)
+    spec = head_tree(a.tree or ("head" if model.norm.weight.is_cuda else "default"), head_dir)
     try:
         tree = auto_tree(model) if spec == "auto" else parse_dynamic_spec(spec) or build_tree(parse_tree_spec(spec))
     except TreeError as e:

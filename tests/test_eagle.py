@@ -371,8 +371,8 @@ def test_cli_rejects_bad_tree_and_head(tiny_ckpt, tmp_path):
 
 @torch.inference_mode()
 def test_tree_head_is_the_tree_the_heads_config_names(tiny_ckpt, tmp_path):
-    """--tree head (generate.py's default): the static tree the head folder's config.json names, EAGLE-1's where it
-    names none; a named file that is missing is a one-line error."""
+    """--tree head (generate.py's default on a GPU): the static tree the head folder's config.json names, EAGLE-1's
+    where it names none; a named file that is missing is a one-line error."""
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
     folder = tmp_path / "head"
     Dr.save_head(random_head(args), folder)
@@ -382,13 +382,13 @@ def test_tree_head_is_the_tree_the_heads_config_names(tiny_ckpt, tmp_path):
     Dr.save_head(random_head(args), folder, extra={"tree": "mine.json"})
     assert Dr.head_tree("head", folder) == str(folder / "mine.json")
     common = ("--checkpoint", str(tiny_ckpt), "--eagle", str(folder), "--max-new-tokens", "8", "--device", "cpu")
-    r = run_cli(*common, "--prompt", "hello")
+    r = run_cli(*common, "--prompt", "hello", "--tree", "head")
     assert r.returncode == 0, r.stderr
-    assert f"tree {folder / 'mine.json'}: 4 tokens, depth 3" in r.stderr  # no --tree: the head's own
-    r = run_cli(*common, "--prompt", "hello", "--tree", "default")
+    assert f"tree {folder / 'mine.json'}: 4 tokens, depth 3" in r.stderr
+    r = run_cli(*common, "--prompt", "hello")  # no --tree on the CPU: EAGLE-1's (on a GPU: the head's)
     assert r.returncode == 0 and "tree default: 26 tokens, depth 5" in r.stderr
     (folder / "mine.json").unlink()
-    r = run_cli(*common, "--prompt", "hello")
+    r = run_cli(*common, "--prompt", "hello", "--tree", "head")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "mine.json" in r.stderr.strip().splitlines()[-1]
 
 
