@@ -1,4 +1,5 @@
 """Copy a float32 head folder as bf16 (device returns files <16 MiB), recording the init head's training history."""
+
 import json
 import sys
 
