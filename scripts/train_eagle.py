@@ -30,6 +30,11 @@ steps of a --eval-steps chain started at every scored position (the tokens fed a
 greedy chain's acceptance). The head is saved after every epoch (draft.save_head) and when --max-minutes runs out.
 AdamW (betas 0.9/0.95), gradient-norm clipping, linear warmup, cosine decay to 10% of the peak lr.
 Every user error prints one line `error: ...` on stderr and exits with status 2.
+
+Several GPUs (data parallel): `torchrun --nproc_per_node 4 scripts/train_eagle.py ...`. Every process builds the same
+batches and takes every n-th (--batch-tokens is per GPU), the gradients are averaged over the processes after each
+backward (one all-reduce), and the clock that drives --max-minutes and the lr is the slowest process's, so all stop
+together and step alike. Process 0 evaluates, logs and saves. On the CPU (tests) the processes talk through gloo.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -48,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -429,6 +436,66 @@ def keep_vocab_file(init: str, out: str) -> None:
         shutil.copyfile(src, dst)
 
 
+@dataclass
+class Ranks:
+    """This process's place among the data-parallel ones (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def mean_grads(self, params: list[Tensor]) -> None:
+        """Average the gradients over the processes: one all-reduce of them all, flattened."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
+    def share(self, params: list[Tensor]) -> None:
+        """Every process starts from process 0's weights."""
+        for p in params if self.world > 1 else []:
+            dist.broadcast(p.data, 0)
+
+    def slowest(self, seconds: float, device: torch.device) -> float:
+        """The largest of the processes' values (their elapsed time), so that all take the same lr and stop alike."""
+        if self.world == 1:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def check_in_sync(self, params: list[Tensor]) -> None:
+        """Every process must hold the same weights (same averaged gradients, same lr): compare checksums."""
+        if self.world == 1:
+            return
+        x = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]) for p in params])
+        lo, hi = x.clone(), x.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError("data-parallel processes hold different head weights")
+
+
+def start_ranks(a: argparse.Namespace) -> tuple[Ranks, torch.device]:
+    """torchrun's WORLD_SIZE / RANK / LOCAL_RANK: join the process group (NCCL on CUDA, gloo on the CPU) and take
+    this process's GPU. Without them: one process, check_args' device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = check_args(a)
+    if world == 1:
+        return Ranks(), device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UserError(f"{world} processes per node, but only {torch.cuda.device_count()} CUDA GPUs")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), world), device
+
+
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to 10% of the peak as progress goes from 0 to 1."""
     if step < warmup:
@@ -463,8 +530,11 @@ def evaluate(target: Transformer, head: EagleHead, data: Conversations, batches:
             f"tau_chain{steps}": 1 + accepted / max(chains, 1), "positions": n[0]}  # fmt: skip
 
 
-def train(target: Transformer, head: EagleHead, data: Conversations, a, device: torch.device) -> dict:
-    """The training loop. Saves the head after every epoch; returns the training record saved with it."""
+def train(target: Transformer, head: EagleHead, data: Conversations, a, device: torch.device,
+          ranks: Ranks | None = None) -> dict:  # fmt: skip
+    """The training loop. Saves the head after every epoch; returns the training record saved with it. With several
+    processes (ranks) each takes every world-th batch; process 0 evaluates and saves."""
+    ranks = ranks or Ranks()
     g = torch.Generator().manual_seed(a.seed)
     perm = torch.randperm(len(data), generator=g).tolist()
     n_held = max(1, round(len(data) * a.holdout)) if len(data) > 1 else 0
@@ -472,42 +542,52 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
     held_batches = make_batches(data, held, a.batch_tokens, a.max_len, None)
     steps = a.ttt_steps + 1
     rope = rope_table(head.args, a.max_len + max(a.eval_steps, steps) + PAD_TO).to(device)
-    noise_gen = torch.Generator(device).manual_seed(a.seed)
+    noise_gen = torch.Generator(device).manual_seed(a.seed + ranks.rank)
     params = [p for p in head.parameters() if p.requires_grad]
+    ranks.share(params)
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=a.weight_decay)
     per_epoch = len(make_batches(data, train_ids, a.batch_tokens, a.max_len, torch.Generator().manual_seed(0)))
-    total_steps = per_epoch * a.epochs
+    if per_epoch < ranks.world:
+        raise UserError(
+            f"{per_epoch} training batches cannot feed {ranks.world} processes: more data or fewer processes"
+        )
+    total_steps = per_epoch // ranks.world * a.epochs
     warmup = max(1, min(a.warmup, total_steps // 10))
     t0 = time.perf_counter()
 
-    def progress(step: int) -> float:  # through the schedule: by steps, or by time when --max-minutes is shorter
-        by_time = (time.perf_counter() - t0) / (60 * a.max_minutes) if a.max_minutes else 0.0
+    def progress(step: int, elapsed: float) -> float:  # through the schedule: by steps, or by time if shorter
+        by_time = elapsed / (60 * a.max_minutes) if a.max_minutes else 0.0
         return max((step - warmup) / max(1, total_steps - warmup), by_time)
+
+    lead = ranks.rank == 0
 
     record = {"command": "python scripts/train_eagle.py " + shlex.join(a.argv), "data": a.data,
               "sharegpt": a.sharegpt, "epochs": a.epochs, "lr": a.lr, "batch_tokens": a.batch_tokens,
               "ttt_steps": a.ttt_steps, "feature_layers": list(head.feature_layers), "feature_weight": a.weights[0],
               "ce_weight": a.weights[1], "draft_vocab": a.draft_vocab, "init": a.init,
               "noise": a.noise, "seed": a.seed, "max_len": a.max_len,
-              "conversations": len(data),
+              "conversations": len(data), "processes": ranks.world,
               "train_conversations": len(train_ids), "heldout_conversations": len(held),
               "tokens": len(data.tokens), "assistant_tokens": int(data.mask.sum()), "history": []}  # fmt: skip
-    ev = evaluate(target, head, data, held_batches, a, rope, device)
-    log(f"epoch 0: held-out {fmt(ev)}")
+    ev = evaluate(target, head, data, held_batches, a, rope, device) if lead else {}
+    if lead:
+        log(f"epoch 0: held-out {fmt(ev)}")
     record["history"].append({"epoch": 0, "heldout": ev})
     step = 0
     for epoch in range(1, a.epochs + 1):
         t_epoch = time.perf_counter()
-        batches = make_batches(data, train_ids, a.batch_tokens, a.max_len, g)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{a.epochs}", unit="batch", dynamic_ncols=True)
+        batches = make_batches(data, train_ids, a.batch_tokens, a.max_len, g)  # the same on every process
+        batches = batches[ranks.rank : len(batches) // ranks.world * ranks.world : ranks.world]  # this one's share
+        bar = tqdm(batches, desc=f"epoch {epoch}/{a.epochs}", unit="batch", dynamic_ncols=True, disable=not lead)
         sums, count, tokens_seen, out_of_time = 0.0, 0, 0, False
         for batch in bar:
-            if a.max_minutes and time.perf_counter() - t0 > 60 * a.max_minutes:
+            elapsed = ranks.slowest(time.perf_counter() - t0, device)
+            if a.max_minutes and elapsed > 60 * a.max_minutes:
                 out_of_time = True
                 break
             tokens, mask = collate(data, batch, a.max_len, device)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, progress(step), a.lr, warmup)
+                group["lr"] = lr_at(step, progress(step, elapsed), a.lr, warmup)
             with autocast(device):
                 with torch.no_grad():
                     feats = target_features(target, tokens, rope, head.feature_layers)  # [B, S, F]
@@ -516,6 +596,7 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            ranks.mean_grads(params)
             torch.nn.utils.clip_grad_norm_(params, a.clip)
             opt.step()
             step += 1
@@ -523,7 +604,12 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
             bar.set_postfix(loss=f"{sums / count:.4f}", acc=f"{s['correct'][0] / max(s['n'][0], 1):.3f}",
                             lr=f"{opt.param_groups[0]['lr']:.1e}")  # fmt: skip
         bar.close()
-        tok_s = tokens_seen / (time.perf_counter() - t_epoch)
+        ranks.check_in_sync(params)
+        tok_s = tokens_seen * ranks.world / (time.perf_counter() - t_epoch)  # all processes (process 0's count)
+        if not lead:  # process 0 evaluates and saves; the others go on to the next epoch's first all-reduce
+            if out_of_time:
+                break
+            continue
         ev = evaluate(target, head, data, held_batches, a, rope, device)
         minutes = (time.perf_counter() - t0) / 60
         log(f"epoch {epoch}: train loss {sums / max(count, 1):.4f} over {count} batches ({tok_s:.0f} padded tok/s), "
@@ -631,8 +717,9 @@ def check_args(a: argparse.Namespace) -> torch.device:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     a.argv = sys.argv[1:] if argv is None else list(argv)
+    ranks = Ranks()
     try:
-        device = check_args(a)
+        ranks, device = start_ranks(a)
         torch.manual_seed(a.seed)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         target = load_model(a.checkpoint, device=device, dtype=dtype)
@@ -648,15 +735,22 @@ def main(argv=None) -> dict:
             raise UserError(f"--max-len {a.max_len} exceeds the model's context of {target.args.max_seq_len}")
         head = new_head(target, a.init, a.feature_layers).to(device)
         a.vocab = draft_vocab(a, V, device)
-        log(f"{len(data)} conversations, {len(data.tokens)} tokens ({int(data.mask.sum())} assistant) on {device}; "
-            f"head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters")  # fmt: skip
-        record = train(target, head, data, a, device)
+        if ranks.rank == 0:
+            on = f"{device}" if ranks.world == 1 else f"{ranks.world} processes ({device.type})"
+            log(f"{len(data)} conversations, {len(data.tokens)} tokens ({int(data.mask.sum())} assistant) on {on}; "
+                f"head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters")  # fmt: skip
+        record = train(target, head, data, a, device, ranks)
     except (UserError, CheckpointError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if ranks.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
-    print(json.dumps({"out": a.out, "epochs": record.get("epochs_done", 0), "final": record.get("final")}))
+    if ranks.world > 1:
+        dist.barrier()  # process 0 has saved the head
+        dist.destroy_process_group()
+    if ranks.rank == 0:
+        print(json.dumps({"out": a.out, "epochs": record.get("epochs_done", 0), "final": record.get("final")}))
     return record
 
 

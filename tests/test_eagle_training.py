@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -368,6 +369,36 @@ def test_short_training_run_lowers_loss_and_saves_a_loadable_head(ckpt, dataset,
                     "1", "--lr", "1e-3", "--warmup", "2", "--batch-tokens", "256", "--ttt-steps", "1", "--holdout",
                     "0.2", "--eval-steps", "3", "--device", "cpu", "--init", str(out)])  # fmt: skip
     assert more["history"][0]["heldout"]["loss"] == pytest.approx(hist[-1]["heldout"]["loss"], rel=1e-4)  # resumed
+
+
+def test_data_parallel_training_on_two_processes(ckpt, dataset, tmp_path):
+    """torchrun with 2 processes (gloo on the CPU): each takes every other batch, gradients are averaged, both stop on
+    the same step of --max-minutes, and their weights stay identical (train_eagle checks it every epoch)."""
+    data_file, _ = dataset
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "scripts" / "train_eagle.py"), "--checkpoint", str(ckpt), "--data", str(data_file), "--lr",
+           "3e-3", "--warmup", "2", "--batch-tokens", "256", "--ttt-steps", "1", "--holdout", "0.2", "--eval-steps",
+           "3", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*run, "--epochs", "2", "--out", str(tmp_path / "h2")], capture_output=True, text=True, env=env,
+                       timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((tmp_path / "h2" / "config.json").read_text())["training"]
+    hist = record["history"]
+    assert record["processes"] == 2 and record["epochs_done"] == 2 and hist[2]["batches"] == hist[1]["batches"] > 0
+    assert hist[-1]["heldout"]["loss"] < hist[0]["heldout"]["loss"]
+    assert r.stdout.count('"out"') == 1  # process 0 alone reports
+    data = TE.load_generated(str(data_file), M.load_model(ckpt).args.vocab_size)
+    train_ids = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()[
+        record["heldout_conversations"] :
+    ]
+    one = len(TE.make_batches(data, train_ids, 256, 256, torch.Generator().manual_seed(0)))  # one process's epoch
+    assert abs(hist[1]["batches"] - one // 2) <= 1  # each process takes half
+    r = subprocess.run([*run, "--epochs", "3", "--max-minutes", "1e-6", "--out", str(tmp_path / "h3")],
+                       capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((tmp_path / "h3" / "config.json").read_text())["training"]
+    assert record["epochs_done"] == 1 and record["history"][1]["stopped_early"] and record["history"][1]["batches"] == 0
 
 
 def test_cli_errors(ckpt, tmp_path, capsys):
