@@ -82,6 +82,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-rank", type=int, default=10, help="children considered per node (default 10)")
     p.add_argument("--draft-vocab", type=int, default=None, help="as generate.py --draft-vocab (default as there)")
     p.add_argument("--conversations", type=int, default=10**9, help="use at most this many (default all)")
+    p.add_argument("--compare", action="append", default=[], metavar="SPEC",
+                   help="also predict tau for this static tree (a JSON file, 'chain:K'; repeatable), e.g. the tree a\n"
+                        "head ships, to see what tuning again would gain")  # fmt: skip
     a = p.parse_args(argv)
     try:
         if a.nodes < 2 or a.depth < 1 or a.max_rank < 1:
@@ -90,7 +93,11 @@ def main(argv=None) -> None:
         head = load_head(a.eagle, model.args)
         vocab = apply_draft_vocab(head, a.eagle, a.draft_vocab, model)
         data = load_generated(a.data, model.args.vocab_size)
-    except (UserError, CheckpointError, HeadError) as e:
+        compared = {spec: T.parse_tree_spec(spec) for spec in a.compare}
+        for spec, paths in compared.items():
+            if max(map(len, paths)) > a.depth:
+                raise UserError(f"--compare {spec}: deeper than --depth {a.depth}")
+    except (UserError, CheckpointError, HeadError, T.TreeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     counts, chains = path_counts(model, head, data, a.depth, a.max_rank, a.conversations)
@@ -103,7 +110,9 @@ def main(argv=None) -> None:
     default = T.parse_tree_spec("default")
     result = {"positions": chains, "draft_vocab": vocab, "depth": a.depth, "nodes": a.nodes,
               "tau_default_tree": predicted_tau(default, counts, chains),
-              "tau_tuned_tree": predicted_tau(tuned, counts, chains), "tuned": tuned}  # fmt: skip
+              "tau_tuned_tree": predicted_tau(tuned, counts, chains),
+              "tau_compared": {spec: predicted_tau(paths, counts, chains) for spec, paths in compared.items()},
+              "tuned": tuned}  # fmt: skip
     if a.out:
         Path(a.out).write_text(json.dumps(tuned) + "\n")
     print(json.dumps(result))

@@ -445,6 +445,13 @@ def test_tune_tree_keeps_the_most_accepted_paths(ckpt, dataset, tmp_path, capsys
     tree = T.build_tree(json.loads(out.read_text()))  # raises unless every path's parent is in the tree
     assert tree.N == 12 and tree.D <= 5 and r["positions"] > 100
     assert r["tau_tuned_tree"] >= r["tau_default_tree"] > 1
+    TT.main([*common, "--nodes", "12", "--depth", "5", "--max-rank", str(args.vocab_size), "--compare", str(out),
+             "--compare", "chain:2"])  # fmt: skip
+    r2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # --compare: the tuned tree predicts as tuned
+    assert r2["tau_compared"][str(out)] == pytest.approx(r2["tau_tuned_tree"]) and r2["tau_compared"]["chain:2"] >= 1
+    with pytest.raises(SystemExit):
+        TT.main([*common, "--depth", "1", "--compare", "chain:2"])  # deeper than --depth: one-line error
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --compare chain:2")
     TT.main([*common, "--nodes", str(args.vocab_size + 1), "--depth", "1", "--max-rank", str(args.vocab_size)])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tau_tuned_tree"] == pytest.approx(2.0)
     with pytest.raises(SystemExit) as e:
