@@ -64,6 +64,7 @@ from draft import (  # noqa: E402
     EagleHead,
     HeadError,
     check_feature_layers,
+    head_tree,
     lm_head_rows,
     load_draft_vocab,
     load_head,
@@ -429,11 +430,20 @@ def draft_vocab(a: argparse.Namespace, vocab_size: int, device: torch.device) ->
         raise UserError(f"--draft-vocab: {e}") from None
 
 
-def keep_vocab_file(init: str, out: str) -> None:
-    """A head trained further keeps its init's draft vocabulary file (statistics of the same kind of data)."""
-    src, dst = Path(init) / VOCAB_FILE, Path(out) / VOCAB_FILE
-    if src.is_file() and not dst.is_file():
-        shutil.copyfile(src, dst)
+def keep_init_files(init: str, out: str) -> dict:
+    """A head trained further keeps its init's draft vocabulary file (statistics of the same kind of data) and the
+    static tree file its config names (draft.head_tree; shaped for a close relative of the new head). Returns the
+    config entries that go with them: {"tree": FILE} or {}."""
+    if init in ("random", "last-layer"):
+        return {}
+    tree = head_tree("head", init)
+    names = [VOCAB_FILE] + ([Path(tree).name] if tree != "default" else [])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src, dst = Path(init) / name, Path(out) / name
+        if src.is_file() and not dst.is_file():
+            shutil.copyfile(src, dst)
+    return {"tree": Path(tree).name} if tree != "default" and (Path(out) / Path(tree).name).is_file() else {}
 
 
 @dataclass
@@ -618,8 +628,7 @@ def train(target: Transformer, head: EagleHead, data: Conversations, a, device: 
                                   "tokens_per_s": round(tok_s), "minutes": round(minutes, 2),
                                   "stopped_early": out_of_time})  # fmt: skip
         record.update(epochs_done=epoch, final=ev, minutes=round(minutes, 2))
-        save_head(head, a.out, extra={"training": record})
-        keep_vocab_file(a.init, a.out)
+        save_head(head, a.out, extra={**keep_init_files(a.init, a.out), "training": record})
         if out_of_time:
             break
     return record

@@ -278,15 +278,17 @@ def test_draft_vocabulary_loss_on_an_int8_target(ckpt, dataset, tmp_path, capsys
     assert stats["correct"] == correct
 
 
-def test_training_over_a_draft_vocabulary_keeps_the_vocabulary_file(ckpt, dataset, tmp_path, capsys):
-    """--draft-vocab N trains over the --init head's N most frequent ids; the trained head keeps the file."""
+def test_training_over_a_draft_vocabulary_keeps_the_vocabulary_and_tree_files(ckpt, dataset, tmp_path, capsys):
+    """--draft-vocab N trains over the --init head's N most frequent ids; the trained head keeps that file, and the
+    static tree file the init's config names (--tree head), named in its own config too."""
     from safetensors.torch import save_file
 
     data_file, _ = dataset
     target = M.load_model(ckpt)
     torch.manual_seed(2)
     init = tmp_path / "init"
-    Dr.save_head(TE.new_head(target, "random"), init)
+    Dr.save_head(TE.new_head(target, "random"), init, extra={"tree": "t.json"})
+    (init / "t.json").write_text("[[0], [1], [0, 0]]")
     V = target.args.vocab_size
     save_file({"ids": torch.randperm(V), "counts": torch.arange(V, 0, -1)}, str(init / Dr.VOCAB_FILE))
     common = ["--checkpoint", str(ckpt), "--data", str(data_file), "--epochs", "1", "--lr", "1e-3", "--warmup", "2",
@@ -295,6 +297,8 @@ def test_training_over_a_draft_vocabulary_keeps_the_vocabulary_file(ckpt, datase
     record = TE.main([*common, "--init", str(init), "--draft-vocab", "64", "--out", str(tmp_path / "out")])
     assert record["draft_vocab"] == 64 and record["history"][-1]["heldout"]["loss"] > 0
     assert (tmp_path / "out" / Dr.VOCAB_FILE).read_bytes() == (init / Dr.VOCAB_FILE).read_bytes()
+    assert Dr.head_tree("head", tmp_path / "out") == str(tmp_path / "out" / "t.json")
+    assert (tmp_path / "out" / "t.json").read_text() == "[[0], [1], [0, 0]]"
     capsys.readouterr()
     for extra, msg in [(["--draft-vocab", "64"], "give --init HEAD_DIR"),
                        (["--init", str(init), "--draft-vocab", "8"], "pick 16 .."),
