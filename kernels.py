@@ -70,7 +70,8 @@ except ImportError:  # CPU-only installs: nothing here is used
 MAX_M = 64  # larger inputs (prefill) go to the dense path of the caller
 # Rows the few-token matmul pads M to at least (16, 32 or 64; bench.py --gemm-min-block-m for A/B runs). On an H200
 # (thirteenth session) a 40-token EAGLE round (64-row tiles) took 1.06 ms against 1.11 for a 26-token one (32-row
-# tiles) that drafts one step fewer: whether the 32-row tiles are the cause is not yet measured.
+# tiles) that drafts one step fewer: whether the 32-row tiles are the cause is not yet measured. (In the SASS, a 64-row
+# tile as tl.dot's first operand runs Hopper's HGMMA; a 32-row one runs HMMA, unless the config swaps the operands.)
 GEMM_MIN_BLOCK_M = 16
 NONE, INT8, INT4 = 0, 1, 2
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
