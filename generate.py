@@ -28,7 +28,7 @@ import quantize
 from draft import EagleHead, apply_draft_vocab, draft_dynamic_tree, draft_tree, head_tree, load_head
 from model import CheckpointError, Transformer, load_model
 from tokenizer import StreamDecoder, Tokenizer, TokenizerError, load_tokenizer
-from tree import DynamicTree, Tree, TreeError, build_tree, parse_dynamic_spec, parse_tree_spec, target_tree_mask, verify
+from tree import DynamicTree, Tree, TreeError, make_tree, target_tree_mask, verify
 
 
 class UserError(Exception):
@@ -844,7 +844,7 @@ def make_generator(a, model, sampling, need, use_compile, folder) -> Generator:
     # 3 MT-bench questions: the 40-token tree 16.8 tok/s, the 26-token one 21.3, plain 17.3; BENCHMARKS.md)
     spec = head_tree(a.tree or ("head" if model.norm.weight.is_cuda else "default"), head_dir)
     try:
-        tree = auto_tree(model) if spec == "auto" else parse_dynamic_spec(spec) or build_tree(parse_tree_spec(spec))
+        tree = auto_tree(model) if spec == "auto" else make_tree(spec)
     except TreeError as e:
         raise UserError(str(e)) from None
     head = load_head(head_dir, model.args, model.norm.weight.device, model.norm.weight.dtype)

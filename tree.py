@@ -202,6 +202,12 @@ def parse_dynamic_spec(spec: str) -> DynamicTree | None:
     return t
 
 
+def make_tree(spec: str) -> Tree | DynamicTree:
+    """A spec of any kind but 'auto' (generate.py's, which times the GPU) and 'head' (draft.head_tree resolves it
+    first): 'eagle2[:K=..,D=..,N=..]' -> DynamicTree, else a static Tree (parse_tree_spec)."""
+    return parse_dynamic_spec(spec) or build_tree(parse_tree_spec(spec))
+
+
 @traced
 def tree_from_candidates(scores: Tensor, parents: Tensor, N: int, D: int) -> tuple[Tensor, ...]:
     """Keep the N-1 best candidates and build the tree buffers, all with fixed shapes.

@@ -409,9 +409,8 @@ def bench_mt_bench(head_dirs: list[str], tree_specs: list[str], n_prompts: int, 
         apply_kernel_choice(head)
         for spec in tree_specs:
             split = spec.endswith("+split")  # variant: draft and verification as two CUDA graphs, timed apart
-            name = spec.removesuffix("+split")
-            name = head_tree(name, head_dir)  # 'head': the tree the head's config names
-            tree = T.parse_dynamic_spec(name) or T.build_tree(T.parse_tree_spec(name))
+            name = head_tree(spec.removesuffix("+split"), head_dir)  # 'head': the tree the head's config names
+            tree = T.make_tree(name)
             gen = G.EagleGenerator(
                 model, head, tree, G.Sampling(), T_, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=split
             )

@@ -53,7 +53,7 @@ def main() -> None:
         if a.draft_quant == "int8":
             quantize.quantize_linears_int8(head, G.DTYPES[a.dtype])
         spec = head_tree(a.tree, a.eagle)  # 'head': the tree the head's config names
-        tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+        tree = T.make_tree(spec)
     except (M.CheckpointError, T.TreeError) as e:
         sys.exit(f"error: {e}")
     tok = load_tokenizer(Path(a.checkpoint))

@@ -466,7 +466,9 @@ class Ranks:
 
     def share(self, params: list[Tensor]) -> None:
         """Every process starts from process 0's weights."""
-        for p in params if self.world > 1 else []:
+        if self.world == 1:
+            return
+        for p in params:
             dist.broadcast(p.data, 0)
 
     def slowest(self, seconds: float, device: torch.device) -> float:

@@ -95,7 +95,7 @@ def main(argv=None) -> None:
         data = load_generated(a.data, model.args.vocab_size)
         compared = {spec: T.parse_tree_spec(spec) for spec in a.compare}
         for spec, paths in compared.items():
-            if max(map(len, paths)) > a.depth:
+            if max(map(len, paths), default=0) > a.depth:
                 raise UserError(f"--compare {spec}: deeper than --depth {a.depth}")
     except (UserError, CheckpointError, HeadError, T.TreeError) as e:
         print(f"error: {e}", file=sys.stderr)

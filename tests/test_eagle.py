@@ -123,7 +123,7 @@ def plain_greedy(folder, prompt, max_new, stop_ids=frozenset(), ignore_eos=True)
 
 
 def eagle(folder, head, spec, prompt, max_new, stop_ids=frozenset(), ignore_eos=True, sampling=None):
-    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    tree = T.make_tree(spec)
     gen = G.EagleGenerator(load(folder), head, tree, sampling or G.Sampling(), 200)
     return gen.generate(prompt, max_new, set(stop_ids), ignore_eos)
 
@@ -338,7 +338,7 @@ def test_eagle_compiles_without_recompiles(tiny_ckpt, spec):
     if spec.endswith("+vocab"):  # a draft vocabulary: the draft's LM head over its rows only
         spec = spec.removesuffix("+vocab")
         head.restrict_vocab(torch.arange(0, args.vocab_size, 3), model)
-    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    tree = T.make_tree(spec)
     gen = G.EagleGenerator(model, head, tree, G.Sampling(), 100, True, compile_prefill=True)
     ref = plain_greedy(tiny_ckpt, PROMPT, 20)
     assert gen.generate(PROMPT, 20, set(), True).output_ids == ref
@@ -398,7 +398,7 @@ def test_bucketed_prefill_drafts_as_eager_prefill(tiny_ckpt, spec):
     cache slots past the prompt must never be seen. So every round drafts the same tree as after an unpadded prefill
     (on the CPU the same padded code runs, without the graph), and the output stays the plain greedy one."""
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
-    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    tree = T.make_tree(spec)
     head = random_head(args)
     gens, drafts = [], []
     for mode in ("eager", "graphs"):
@@ -488,7 +488,7 @@ def test_graphed_step_warm_up_leaves_outputs_unchanged(tiny_ckpt, spec):
     args = M.ModelArgs.from_json(tiny_ckpt / "config.json")
     cases = [(PROMPT, 30), ([7], 9)]
     refs = [plain_greedy(tiny_ckpt, p, n) for p, n in cases]
-    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    tree = T.make_tree(spec)
     gen = G.EagleGenerator(load(tiny_ckpt), random_head(args, 1), tree, G.Sampling(), 200)
     round_args = (gen.head, gen.model, gen.tree, gen.state, gen.sampling)
     gen.round = G.GraphedStep(G.eagle_round, round_args, list(gen.state.buffers()), compile=False)
@@ -522,7 +522,7 @@ def test_draft_vocabulary_stays_lossless_and_drafts_only_its_tokens(tiny_ckpt, s
     ids = torch.randperm(args.vocab_size, generator=torch.Generator().manual_seed(0))[:100]
     head.restrict_vocab(ids, model)
     assert head.vocab_rows.shape == (100, args.dim)
-    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    tree = T.make_tree(spec)
     gen = G.EagleGenerator(model, head, tree, G.Sampling(), 200)
     for prompt, max_new in [(PROMPT, 30), ([7], 9)]:
         assert gen.generate(prompt, max_new, set(), True).output_ids == plain_greedy(tiny_ckpt, prompt, max_new)
@@ -624,7 +624,7 @@ def test_int8_draft_head_stays_lossless(tiny_ckpt, tmp_path, spec):
     pos, mask = torch.arange(4), torch.ones(1, 1, 4, 16, dtype=torch.bool).tril()
     got, ref = head(emb, feats, pos, pos, mask), ref_head(emb, feats, pos, pos, mask)
     assert ((got - ref).norm() / ref.norm()).item() < 0.02
-    tree = T.parse_dynamic_spec(spec) or T.build_tree(T.parse_tree_spec(spec))
+    tree = T.make_tree(spec)
     gen = G.EagleGenerator(model, head, tree, G.Sampling(), 200)
     for prompt, max_new in [(PROMPT, 30), ([7], 9)]:
         assert gen.generate(prompt, max_new, set(), True).output_ids == plain_greedy(tiny_ckpt, prompt, max_new)
