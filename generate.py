@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -223,10 +224,27 @@ class GraphedStep:
             return self.fn(*self.args)
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with capture(self.graph):
                 self.out = self.fn(*self.args)
         self.graph.replay()
         return self.out
+
+
+@contextlib.contextmanager
+def capture(graph: torch.cuda.CUDAGraph):
+    """torch.cuda.graph(graph) with Python's garbage collector off inside. A collection during the capture may free
+    another CUDA graph (an earlier generator's, left in a reference cycle), whose reset is not permitted while a
+    stream captures, and the capture fails (cudaErrorStreamCaptureInvalidated: bench.py with a third generator in one
+    process, fourteenth session). (torch.cuda.graph no longer collects before it captures: torch.compiler.config
+    .force_cudagraph_gc.) Garbage left meanwhile is collected later, outside the capture."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph):
+            yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 class Prefill:
@@ -901,7 +919,7 @@ def forward_seconds(model: Transformer, n: int, reps: int = 10) -> float:
         torch.cuda.current_stream().wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with capture(graph):
                 run()
             run = graph.replay
         except RuntimeError as e:  # not expected; then eager timing is still a usable ranking

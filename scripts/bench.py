@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -176,6 +177,11 @@ def steps_of(r: G.Result) -> int:
     return r.stats.get("rounds", max(len(r.output_ids) - 1, 1))
 
 
+def profile_path(tag: str) -> Path:
+    """PROFILE_DIR/<tag>.txt, with what a file name cannot hold (the '/' of a tree file's path, ':') as '_'."""
+    return PROFILE_DIR / (re.sub(r"[^\w.,=+-]+", "_", tag) + ".txt")
+
+
 def kernel_table(fn, tag: str, steps):
     """Run fn once under the profiler; write its GPU kernel table, per step (steps(fn's result) of them), to
     PROFILE_DIR/<tag>.txt. Returns fn's result."""
@@ -192,8 +198,9 @@ def kernel_table(fn, tag: str, steps):
             f"GPU busy {gpu_busy * 1e3 / n:.3f} ms per step/round (profiler on)")  # fmt: skip
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
     table += prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=90)
-    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
-    (PROFILE_DIR / f"{tag}.txt").write_text(head + "\n" + table)
+    path = profile_path(tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + "\n" + table)
     print(head, flush=True)
     return r
 
@@ -218,7 +225,7 @@ def graph_time(fn, calls: int = 20, replays: int = 10) -> float:
     fn()  # autotuning and compilation happen here, outside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with G.capture(g):
         for _ in range(calls):
             fn()
     return cuda_time(g.replay, replays) / calls

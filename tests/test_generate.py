@@ -1,6 +1,7 @@
 """generate.py: the plain decode loop, sampling, compile without recompiles, and one-line CLI errors."""
 
 import contextlib
+import gc
 import json
 import subprocess
 import sys
@@ -278,3 +279,39 @@ def test_bench_eagle_flag(monkeypatch):
         with pytest.raises(SystemExit) as e:
             bench.parse_args(argv)
         assert e.value.code == 2
+
+
+def test_capture_turns_garbage_collection_off_inside(monkeypatch):
+    """Bug (fourteenth session): bench.py --mt-bench with a third generator in one process failed in CUDA-graph capture
+    (cudaErrorStreamCaptureInvalidated): Python's collector freed an earlier generator's graph mid-capture. capture()
+    keeps the collector off inside and restores it after, also on an error."""
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_graph(graph):
+        seen.append(gc.isenabled())
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    assert gc.isenabled()
+    with G.capture(None):
+        seen.append(gc.isenabled())
+    assert seen == [False, False] and gc.isenabled()
+    with pytest.raises(ValueError), G.capture(None):
+        raise ValueError
+    assert gc.isenabled()
+
+
+def test_bench_profile_path_of_a_tree_file(monkeypatch, tmp_path):
+    """Bug (fourteenth session): `bench.py --eagle --tree heads/.../tree40.json --profile DIR` wrote its kernel table to
+    DIR/rounds_..._heads/SmolLM2-135M-Instruct/tree40.json_...txt, a folder that does not exist, and stopped."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench  # noqa: PLC0415
+
+    monkeypatch.setattr(bench, "PROFILE_DIR", tmp_path)
+    path = bench.profile_path("rounds_smollm2-shape_heads/SmolLM2-135M-Instruct/tree40.json_none_dv16384")
+    assert (
+        path.parent == tmp_path
+        and path.name == "rounds_smollm2-shape_heads_SmolLM2-135M-Instruct_tree40.json_none_dv16384.txt"
+    )
+    assert bench.profile_path("eagle_eagle2K=8,D=6,N=40").name == "eagle_eagle2K=8,D=6,N=40.txt"
