@@ -35,7 +35,7 @@ from torch import Tensor
 
 import kernels
 from model import Block, CheckpointError, ModelArgs, RMSNorm, Transformer, rope_table
-from tree import DynamicTree, Tree, tree_from_candidates
+from tree import DynamicTree, Tree, rank_desc, tree_from_candidates
 
 
 class EagleHead(nn.Module):
@@ -214,7 +214,7 @@ def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, 
         scores.append(cu)
         cand_tokens.append(ids.flatten())
         parents.append(f_cand.repeat_interleave(K))
-        best = torch.topk(cu, K).indices  # the next frontier: [K]
+        best = rank_desc(cu)[1][:K]  # the next frontier: the K best, best first [K]
         prow = best // K
         f_score, f_tok, f_feat = cu[best], ids.flatten()[best], y[prow]
         f_cand, f_anc = offset + best, f_anc[prow]

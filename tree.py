@@ -209,18 +209,34 @@ def make_tree(spec: str) -> Tree | DynamicTree:
 
 
 @traced
+def rank_desc(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rank the entries of a short 1-D x from high to low, ties to the lower index: (rank [C], each entry's place,
+    a permutation of 0..C-1; order [C], the entries' indices in that order, so order[rank[i]] = i).
+
+    For EAGLE-2's few hundred candidates, by counting: rank[i] = how many entries come before entry i, one [C, C]
+    comparison that Inductor reduces in one kernel, then one scatter. torch.topk and torch.sort take two ATen launches
+    each there (a radix select and a sort), outside the chain of Triton kernels that overlap their launches (PDL)."""
+    C = x.size(0)
+    i = torch.arange(C, device=x.device)
+    before = (x[None, :] > x[:, None]) | ((x[None, :] == x[:, None]) & (i[None, :] < i[:, None]))  # [C, C]: j before i
+    rank = before.sum(1)  # [C]
+    return rank, torch.zeros_like(rank).scatter_(0, rank, i)  # (zeros: a NaN score cannot leave an index unset)
+
+
+@traced
 def tree_from_candidates(scores: Tensor, parents: Tensor, N: int, D: int) -> tuple[Tensor, ...]:
     """Keep the N-1 best candidates and build the tree buffers, all with fixed shapes.
 
     scores [C]: cumulative draft log-probability; parents [C]: the parent's candidate index (-1 = the root). A parent
-    comes before its children and scores no lower, and ties go to the lower index, so the kept set is closed under
-    ancestors. Returns (kept [N-1] candidate indices in order, parent [N], depth [N], ancestors [N, N],
-    path_nodes [N, D+1]), the same buffers a static Tree has.
+    comes before its children and scores no lower, and ties go to the lower index (rank_desc), so the kept set is
+    closed under ancestors, and in rank order parents come before their children. Returns (kept [N-1] candidate
+    indices, best first, parent [N], depth [N], ancestors [N, N], path_nodes [N, D+1]), the same buffers a static Tree
+    has.
     """
-    C, dev = scores.size(0), scores.device
-    rank = scores.double() - torch.arange(C, device=dev, dtype=torch.float64) * 1e-9  # ties: lower index first
-    kept = torch.topk(rank, N - 1).indices.sort().values  # [N-1], parents before children
-    node_of = torch.zeros(C, dtype=torch.long, device=dev).scatter(0, kept, torch.arange(1, N, device=dev))
+    dev = scores.device
+    rank, order = rank_desc(scores)
+    kept = order[: N - 1]  # [N-1]: node n = candidate kept[n - 1]
+    node_of = torch.where(rank < N - 1, rank + 1, 0)  # [C]: a kept candidate's node
     par = parents[kept]
     parent = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.where(par < 0, 0, node_of[par.clamp(0)])])
     nodes = torch.arange(N, device=dev)

@@ -634,3 +634,16 @@ def test_int8_draft_head_stays_lossless(tiny_ckpt, tmp_path, spec):
     assert r.returncode == 0 and "linears as int8" in r.stderr, r.stderr
     r = run_cli("--checkpoint", str(tiny_ckpt), "--draft-quant", "int8", "--max-new-tokens", "4")
     assert r.returncode != 0 and "--draft-quant needs --eagle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rank_desc_is_a_stable_descending_sort():
+    """EAGLE-2's frontier and kept candidates (tree.rank_desc, no torch.topk/sort): high to low, ties to the lower
+    index, as a stable descending sort orders them; -inf scores too."""
+    g = torch.Generator().manual_seed(0)
+    for C in (1, 7, 100, 510):
+        for x in (torch.randn(C, generator=g), torch.randint(0, 4, (C,), generator=g).float()):  # many ties
+            x[torch.randperm(C, generator=g)[: C // 10]] = float("-inf")
+            rank, order = T.rank_desc(x)
+            ref = torch.sort(x, descending=True, stable=True).indices
+            assert torch.equal(order, ref)
+            assert torch.equal(order[rank], torch.arange(C))
