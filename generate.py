@@ -688,6 +688,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1,
         help="generate this many times per prompt (later ones show warm speed)",
     )
+    p.add_argument(
+        "--kernel-configs",
+        default=None,
+        metavar="JSON",
+        help="block shapes for kernels.py's matmuls, from scripts/tune_kernels.py (picked by timing whole forwards\n"
+        "on this GPU) or a bench.py JSON, instead of the autotuner's picks (it times each kernel alone, and its picks\n"
+        "differ from machine to machine)",
+    )
     p.add_argument("--interactive", action="store_true", help="chat loop on stdin with streamed output")
     p.add_argument("--json", default=None, metavar="OUT", help="write one JSON object per generation to OUT")
     p.add_argument("--quiet", action="store_true", help="do not stream generated text")
@@ -761,6 +769,17 @@ def check_args(a: argparse.Namespace) -> None:
             raise UserError("--device cuda asked for, but no CUDA GPU is available")
 
 
+def pin_kernel_configs(path: str) -> int:
+    """Put the block shapes a tune_kernels.py or bench.py JSON holds ("tuned_configs") into the matmul autotuners."""
+    try:
+        entries = json.loads(Path(path).read_text())["tuned_configs"]
+    except FileNotFoundError:
+        raise UserError(f"--kernel-configs: no file {path}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--kernel-configs: {path} is not a JSON with 'tuned_configs' ({e})") from None
+    return kernels.pin_configs(entries)
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     try:
@@ -784,6 +803,8 @@ def run(a: argparse.Namespace) -> None:
     kernels.set_pdl(a.pdl and device.type == "cuda" and a.kernels != "torch")
     kernels.FEW_ATTENTION = a.kernels != "torch"  # two Triton kernels for attention over a few tokens (CUDA only)
     kernels.TRITON_TOPK = a.kernels != "torch"  # the draft's top-k in one Triton kernel (CUDA only)
+    if a.kernel_configs:
+        log(f"--kernel-configs: {pin_kernel_configs(a.kernel_configs)} matmul block shapes pinned")
     t0 = time.perf_counter()
     set_kernels(a.kernels if device.type == "cuda" else "auto")
     model = load_model(a.checkpoint, device=device, dtype=dtype)

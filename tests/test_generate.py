@@ -123,6 +123,7 @@ def test_cli_generates_and_writes_json(tiny_ckpt, tmp_path):
         (["--prompts-file", "/nonexistent.jsonl"], "prompts file not found"),
         (["--temperature", "-1"], "--temperature"),
         (["--kernels", "triton", "--device", "cpu"], "--kernels triton needs"),
+        (["--kernel-configs", "/nonexistent.json"], "--kernel-configs: no file"),
     ],
 )
 def test_cli_errors(tiny_ckpt, argv, needle):
@@ -139,6 +140,9 @@ def test_cli_error_files(tiny_ckpt, tmp_path):
     (broken / "config.json").write_text((tiny_ckpt / "config.json").read_text())
     (broken / "model.pth").write_bytes(b"not a checkpoint")
     assert_one_line_error(run_cli("--checkpoint", str(broken)), "cannot read")
+    (tmp_path / "configs.json").write_text('{"picks": []}')
+    assert_one_line_error(run_cli("--checkpoint", str(tiny_ckpt), "--kernel-configs", str(tmp_path / "configs.json")),
+                          "not a JSON with 'tuned_configs'")  # fmt: skip
     long_prompt = "Hello " * 600  # the tiny model's context is 512
     assert_one_line_error(run_cli("--checkpoint", str(tiny_ckpt), "--prompt", long_prompt), "context")
 
@@ -315,3 +319,29 @@ def test_bench_profile_path_of_a_tree_file(monkeypatch, tmp_path):
         and path.name == "rounds_smollm2-shape_heads_SmolLM2-135M-Instruct_tree40.json_none_dv16384.txt"
     )
     assert bench.profile_path("eagle_eagle2K=8,D=6,N=40").name == "eagle_eagle2K=8,D=6,N=40.txt"
+
+
+def test_tune_kernels_descent_keeps_the_fastest_pick():
+    """scripts/tune_kernels.py: one pass of coordinate descent over the matmul shapes, each timed in a whole forward
+    (here a fake: the sum of each shape's cost under its pick), keeps the fastest pick per shape, holds a pick unless a
+    candidate beats it by min_gain, and skips candidates that fail."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tune_kernels  # noqa: PLC0415
+
+    a, b, c = (("_gemm_kernel", (n, 576, 0, 0, 32, False)) for n in (576, 960, 3072))  # (kernel, autotuner key)
+    cost = {a: {1: 5.0, 2: 3.0, 3: 4.0}, b: {1: 2.0, 2: 2.001, 3: 9.0}, c: {1: 7.0, 2: 1.0}}
+    picks = {a: 1, b: 1, c: 1}
+    broken = {(c, 2)}
+
+    def seconds():
+        if any((k, v) in broken for k, v in picks.items()):
+            raise RuntimeError("out of resources")
+        return sum(cost[k][v] for k, v in picks.items())
+
+    out = tune_kernels.descend(list(picks), lambda k: list(cost[k]), picks.__getitem__, picks.__setitem__, seconds,
+                               min_gain=0.01, log=lambda s: None)  # fmt: skip
+    assert picks == {a: 2, b: 1, c: 1}  # b: 2 is not faster; c: 2 would be, but fails to run
+    assert out[a] == (14.0, 12.0) and out[c] == (12.0, 12.0)  # c timed with a at its new pick
+    if tune_kernels.kernels.triton is not None:  # the candidates: the autotuner's list, fitted to the shape
+        cands = tune_kernels.candidates_of(a)
+        assert cands and all(c.kwargs["BLOCK_K"] <= 1024 and not c.kwargs["SPLIT"] > 1 for c in cands)

@@ -1,0 +1,157 @@
+"""Pick kernels.py's matmul block shapes by timing whole target forwards, one matmul shape at a time (GPU).
+
+Triton's autotuner times each block shape of a matmul alone, a few microseconds a call, and keeps the fastest. Its picks
+differ from machine to machine: in the fourteenth session 19 of SmolLM2's 26 picks differed between two H200s, whose
+plain decoding took 0.71 and 0.60 ms a token (BENCHMARKS.md). Here each candidate runs where it will run: inside a
+whole forward (a CUDA graph of back-to-back forwards), after and before the kernels whose launches overlap its own
+(PDL), with the weights coming from memory rather than from a cache warmed by the same call. One pass of coordinate
+descent: for each shape in turn, every block shape that fits it, the others held at their current picks.
+
+    python scripts/tune_kernels.py --tokens 1,26,40 --out kernel_configs.json         # SmolLM2 (prepare_smollm2.sh)
+    python scripts/tune_kernels.py --model smollm2-shape --tokens 1,26 --out k.json   # random weights, same shapes
+    python generate.py --checkpoint ... --kernel-configs kernel_configs.json          # use the picks
+    python scripts/bench.py --mt-bench --configs-in kernel_configs.json               # measure with them
+
+Token counts: 1 is plain decoding, 26 and 40 EAGLE's tree forwards (1-16, 17-32 and 33-64 tokens each have block
+shapes of their own; a shape that several token counts share is tuned at the first that uses it). The draft head's
+matmuls keep the autotuner's picks. The JSON holds every pick of the process (`kernels.tuned_configs`, the format of
+bench.py's JSON) and the forward times before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+import tree as T  # noqa: E402
+
+Key = tuple[str, tuple]  # (kernel name, the autotuner's key)
+
+
+def descend(keys: list[Key], candidates: Callable[[Key], list], get: Callable[[Key], object],
+            put: Callable[[Key, object], None], seconds: Callable[[], float], min_gain: float = 0.003,
+            log: Callable[[str], None] = print) -> dict[Key, tuple[float, float]]:  # fmt: skip
+    """One pass of coordinate descent: for each key, time every candidate with the other keys at their picks and keep
+    the fastest, unless it beats the current pick by less than min_gain (relative: timing noise). A candidate that
+    fails to run is skipped. Returns key -> (seconds with the pick it had, seconds with the pick it keeps)."""
+    out = {}
+    for key in keys:
+        start = get(key)
+        best_t = base = seconds()
+        best = start
+        for cfg in candidates(key):
+            if cfg == start:
+                continue
+            put(key, cfg)
+            try:
+                t = seconds()
+            except Exception as e:  # noqa: BLE001 - a block shape the GPU cannot run (resources): skip it
+                log(f"  {key[0]} {key[1][:5]} {cfg}: failed ({str(e).splitlines()[0][:80]})")
+                continue
+            if t < best_t * (1 - min_gain):
+                best, best_t = cfg, t
+        put(key, best)
+        out[key] = (base, best_t)
+        log(f"  {key[0]} {key[1][:5]}: {base * 1e6:.1f} -> {best_t * 1e6:.1f} us a forward"
+            f"{'' if best == start else f' ({best})'}")  # fmt: skip
+    return out
+
+
+def kernel_of(key: Key):
+    return getattr(kernels, key[0])
+
+
+def candidates_of(key: Key) -> list:
+    """The block shapes the autotuner would try for this key: its config list, fitted to the shape (kernels._prune)."""
+    n, k, quant, group = key[1][:4]
+    return kernels._prune(kernel_of(key).configs, {"N": n, "K": k}, QUANT=quant, GROUP=group)
+
+
+def forward(model, n: int, T_: int = 1024, L: int = 500) -> Callable[[], object]:
+    """The compiled target forward over n tokens at positions L.., a chain's mask (the cost is the same for any
+    tree), as bench.py times it."""
+    dev = "cuda"
+    anc = T.build_tree(T.parse_tree_spec(f"chain:{n - 1}")).ancestors if n > 1 else torch.ones(1, 1, dtype=torch.bool)
+    tok = torch.randint(0, model.args.vocab_size, (1, n), device=dev)
+    slots = torch.tensor([L], device=dev) + torch.arange(n, device=dev)
+    mask = T.target_tree_mask(anc.to(dev), torch.tensor([L], device=dev), T_)
+    fwd = torch.compile(lambda m, t, p, s, k: m(t, p, s, k), fullgraph=True, dynamic=False)
+    return lambda: fwd(model, tok, slots, slots, mask)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-shape", "7b"],
+                   help="smollm2: checkpoints/SmolLM2-135M-Instruct (scripts/prepare_smollm2.sh); smollm2-shape and\n"
+                   "7b: random weights of those shapes")  # fmt: skip
+    p.add_argument("--tokens", default="1,26,40", help="forward sizes to tune at (default 1,26,40)")
+    p.add_argument("--calls", type=int, default=10, help="forwards in each timed CUDA graph (default 10)")
+    p.add_argument("--min-gain", type=float, default=0.003, help="a new pick must be this much faster (default 0.3%%)")
+    p.add_argument("--configs-in", default=None, metavar="JSON", help="start from these picks (a JSON of this script\n"
+                   "or of bench.py) instead of the autotuner's")  # fmt: skip
+    p.add_argument(
+        "--out", required=True, help="JSON to write (for generate.py --kernel-configs, bench.py --configs-in)"
+    )
+    a = p.parse_args(argv)
+    try:
+        a.tokens = sorted({int(t) for t in a.tokens.split(",")})
+    except ValueError:
+        p.error(f"--tokens: comma-separated integers, got {a.tokens!r}")
+    if not a.tokens or min(a.tokens) < 1 or max(a.tokens) > kernels.MAX_M:
+        p.error(f"--tokens: each between 1 and {kernels.MAX_M}")
+    return a
+
+
+@torch.inference_mode()
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    if not torch.cuda.is_available() or kernels.triton is None:
+        sys.exit("error: tune_kernels.py needs a CUDA GPU and the triton package")
+    import bench  # noqa: PLC0415 - its loaders and timers (and generate.py), as bench.py runs them by default
+
+    bench.G.set_kernels("auto")
+    kernels.set_pdl(True)
+    bench.G.set_inductor_flags()
+    if a.configs_in:
+        kernels.pin_configs(json.loads(Path(a.configs_in).read_text())["tuned_configs"])
+    model, _ = bench.load(a.model)
+    model.setup_caches(1, 1024)
+    res: dict = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": kernels.triton.__version__,
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "model": a.model,
+        "command": " ".join(sys.argv), "forward_seconds": {},
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    for n in a.tokens:
+        fn = forward(model, n)
+        seen = {(e["kernel"], tuple(e["key"])) for e in kernels.tuned_configs()}
+        fn()  # compiles, and autotunes the shapes not seen yet
+        keys = [k for k in ((e["kernel"], tuple(e["key"])) for e in kernels.tuned_configs()) if k not in seen]
+        print(f"{n} tokens: {len(keys)} matmul shapes to tune", flush=True)
+        seconds = lambda fn=fn: bench.graph_time(fn, calls=a.calls, replays=7)  # noqa: E731
+        before = seconds()
+        descend(keys, candidates_of, lambda k: kernel_of(k).cache[k[1]],
+                lambda k, c: kernel_of(k).cache.__setitem__(k[1], c), seconds, a.min_gain)  # fmt: skip
+        after = seconds()
+        res["forward_seconds"][n] = {"autotuner": before, "tuned": after}
+        print(f"{n} tokens: forward {before * 1e3:.4f} -> {after * 1e3:.4f} ms "
+              f"({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
+    res["tuned_configs"] = kernels.tuned_configs()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
