@@ -240,12 +240,12 @@ def tree_from_candidates(scores: Tensor, parents: Tensor, N: int, D: int) -> tup
     par = parents[kept]
     parent = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.where(par < 0, 0, node_of[par.clamp(0)])])
     nodes = torch.arange(N, device=dev)
-    ancestors = (nodes[:, None] == nodes[None, :]) | (nodes[None, :] == 0)
-    for _ in range(D):  # each pass adds one more generation of ancestors
-        ancestors = ancestors | ancestors[parent]
-    depth = ancestors.sum(1) - 1
-    cols = []
-    for j in range(D + 1):
-        at_j = (ancestors & (depth[None, :] == j)).to(torch.int32).argmax(1)
-        cols.append(torch.where(depth >= j, at_j, nodes))
-    return kept, parent, depth, ancestors, torch.stack(cols, dim=1)
+    chain = [nodes]  # chain[d]: each node's ancestor d generations up (the root's is the root): D gathers of [N]
+    for _ in range(D):
+        chain.append(parent[chain[-1]])
+    up = torch.stack(chain, dim=1)  # [N, D+1]
+    depth = (up[:, :D] != 0).sum(1)  # [N]: generations to the root
+    ancestors = (up[:, :, None] == nodes[None, None, :]).any(1)  # [N, N]: the node itself, the root and between
+    j = torch.arange(D + 1, device=dev)
+    at_j = up.gather(1, (depth[:, None] - j[None, :]).clamp(min=0))  # [N, D+1]: the path's node at depth j
+    return kept, parent, depth, ancestors, torch.where(j[None, :] <= depth[:, None], at_j, nodes[:, None])

@@ -647,3 +647,31 @@ def test_rank_desc_is_a_stable_descending_sort():
             ref = torch.sort(x, descending=True, stable=True).indices
             assert torch.equal(order, ref)
             assert torch.equal(order[rank], torch.arange(C))
+
+
+def test_tree_from_candidates_matches_walking_the_parents():
+    """EAGLE-2's tree buffers (tree.tree_from_candidates: parent chains as D gathers of one vector) against walking
+    each kept candidate's parents in Python, on random candidate sets of EAGLE-2's layout with tied scores."""
+    g = torch.Generator().manual_seed(0)
+    for K, D, N in ((3, 4, 16), (10, 6, 60), (2, 1, 3), (4, 3, 30)):
+        for _ in range(5):
+            C = K + (D - 1) * K * K
+            parents = torch.full((C,), -1)
+            scores = -torch.randint(0, 3, (K,), generator=g).float()  # few values: many ties
+            frontier = list(range(K))
+            for i in range(1, D):  # step i: K children for each of K frontier candidates (any of the previous step)
+                lo = K + (i - 1) * K * K
+                parents[lo : lo + K * K] = torch.tensor(frontier).repeat_interleave(K)
+                drop = torch.randint(0, 3, (K * K,), generator=g).float()
+                scores = torch.cat([scores, scores[parents[lo : lo + K * K]] - drop])
+                frontier = (lo + torch.randperm(K * K, generator=g)[:K]).tolist()
+            kept, parent, depth, anc, path = T.tree_from_candidates(scores, parents, N, D)
+            node_of = {int(c): n + 1 for n, c in enumerate(kept)}
+            for n in range(N):
+                chain, c = [n], int(kept[n - 1]) if n else -1
+                while c >= 0:  # the candidate's ancestors, which must all be kept
+                    c = int(parents[c])
+                    chain.append(node_of[c] if c >= 0 else 0)
+                assert int(parent[n]) == (chain[1] if n else 0) and int(depth[n]) == len(chain) - 1
+                assert set(torch.nonzero(anc[n]).flatten().tolist()) == set(chain)
+                assert path[n].tolist() == chain[::-1] + [n] * (D + 1 - len(chain))
