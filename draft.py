@@ -200,10 +200,9 @@ def draft_dynamic_tree(head: EagleHead, target: Transformer, tree: DynamicTree, 
     f_feat, f_cand = root_feat.expand(K, -1), torch.arange(K, device=dev)  # parent feature, candidate index
     f_anc = torch.zeros(K, (tree.D - 1) * K, dtype=torch.bool, device=dev)  # scratch rows each frontier row sees
     scores, cand_tokens, parents = [f_score], [f_tok], [torch.full((K,), -1, device=dev)]
-    rows = torch.arange(K, device=dev)
+    rows, cols = torch.arange(K, device=dev), torch.arange((tree.D - 1) * K, device=dev)
     for i in range(1, tree.D):
-        f_anc = f_anc.clone()
-        f_anc[rows, (i - 1) * K + rows] = True  # each row sees itself
+        f_anc = f_anc | (cols[None, :] == (i - 1) * K + rows[:, None])  # each row sees itself (elementwise: fuses)
         a = R + (i - 1) * K
         seen = torch.cat([committed, f_anc], dim=1)[None, None]  # [1, 1, K, slots]
         y = head.step(target.tok_embeddings(f_tok)[None], f_feat[None], rope[a : a + K], slots[a : a + K], seen)[0]
