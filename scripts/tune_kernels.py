@@ -1,7 +1,7 @@
 """Pick kernels.py's matmul block shapes by timing whole target forwards, one matmul shape at a time (GPU).
 
 Triton's autotuner times each block shape of a matmul alone, a few microseconds a call, and keeps the fastest. Its picks
-differ from machine to machine: in the fourteenth session 19 of SmolLM2's 26 picks differed between two H200s, whose
+differ from machine to machine: in the fourteenth session 21 of SmolLM2's 26 picks differed between two H200s, whose
 plain decoding took 0.71 and 0.60 ms a token (BENCHMARKS.md). Here each candidate runs where it will run: inside a
 whole forward (a CUDA graph of back-to-back forwards), after and before the kernels whose launches overlap its own
 (PDL), with the weights coming from memory rather than from a cache warmed by the same call. One pass of coordinate
