@@ -324,23 +324,9 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, size
         out["target_forward_s"][n] = graph_time(
             lambda tok=tok, slots=slots, mask=mask: fwd(model, tok, slots, slots, mask)
         )
-    torch.manual_seed(0)
-    head_args = M.ModelArgs(**{**model.args.to_dict(), "n_layers": 1})
-    head = EagleHead(head_args, feature_layers=feature_layers).cuda().to(torch.bfloat16).eval()
-    quantize_head(head)
-    apply_kernel_choice(head)  # as --mt-bench and generate.py do
-    if draft_vocab:  # a random draft vocabulary of that size: the cost is the same for any ids
-        head.restrict_vocab(torch.randperm(model.args.vocab_size, device="cuda")[:draft_vocab], model)
+    gen, reset = random_head_generator(model, tree, draft_vocab, feature_layers)
     out["draft_vocab"], out["feature_layers"] = draft_vocab or 0, list(feature_layers)
-    gen = G.EagleGenerator(
-        model, head, tree, G.Sampling(), 1024, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=True
-    )
-    gen._start(torch.randint(0, model.args.vocab_size, (1, 400), device="cuda"))
-    st = gen.state
-
-    def reset():
-        st.L.fill_(400)
-        st.n.fill_(1)
+    st, head = gen.state, gen.head
 
     def draft():
         reset()
@@ -377,6 +363,30 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, size
     out["forward_ratio_tree_vs_1"] = tn / t1
     out["implied_speedup_for_tau"] = {tau: tau * t1 / out["round_gpu_s"] for tau in (2.0, 3.0, 3.5, 4.0)}
     return out
+
+
+def random_head_generator(model: M.Transformer, tree, draft_vocab: int | None, feature_layers: tuple[int, ...] = ()):
+    """A random EAGLE head for `model` (bf16, --draft-quant and --kernel as set; a draft vocabulary of draft_vocab
+    random ids: the cost is the same for any ids) in a compiled generator, started on a random 400-token prompt.
+    Returns (generator, reset): reset() puts the committed length back to 400 before timed rounds."""
+    torch.manual_seed(0)
+    head_args = M.ModelArgs(**{**model.args.to_dict(), "n_layers": 1})
+    head = EagleHead(head_args, feature_layers=feature_layers).cuda().to(torch.bfloat16).eval()
+    quantize_head(head)
+    apply_kernel_choice(head)  # as --mt-bench and generate.py do
+    if draft_vocab:
+        head.restrict_vocab(torch.randperm(model.args.vocab_size, device="cuda")[:draft_vocab], model)
+    gen = G.EagleGenerator(
+        model, head, tree, G.Sampling(), 1024, compile=True, compile_prefill=COMPILE_PREFILL, split_timing=True
+    )
+    gen._start(torch.randint(0, model.args.vocab_size, (1, 400), device="cuda"))
+    st = gen.state
+
+    def reset():
+        st.L.fill_(400)
+        st.n.fill_(1)
+
+    return gen, reset
 
 
 def outputs_sha1(runs) -> str:

@@ -4,18 +4,20 @@ Triton's autotuner times each block shape of a matmul alone, a few microseconds 
 differ from machine to machine: in the fourteenth session 21 of SmolLM2's 26 picks differed between two H200s, whose
 plain decoding took 0.71 and 0.60 ms a token (BENCHMARKS.md). Here each candidate runs where it will run: inside a
 whole forward (a CUDA graph of back-to-back forwards), after and before the kernels whose launches overlap its own
-(PDL), with the weights coming from memory rather than from a cache warmed by the same call. One pass of coordinate
-descent: for each shape in turn, every block shape that fits it, the others held at their current picks.
+(PDL). One pass of coordinate descent: for each shape in turn, every block shape that fits it, the others held at
+their current picks.
 
     python scripts/tune_kernels.py --tokens 1,26,40 --out kernel_configs.json         # SmolLM2 (prepare_smollm2.sh)
     python scripts/tune_kernels.py --model smollm2-shape --tokens 1,26 --out k.json   # random weights, same shapes
+    python scripts/tune_kernels.py --eagle-tree heads/SmolLM2-135M-Instruct/tree40.json --out k.json  # + EAGLE rounds
     python generate.py --checkpoint ... --kernel-configs kernel_configs.json          # use the picks
     python scripts/bench.py --mt-bench --configs-in kernel_configs.json               # measure with them
 
 Token counts: 1 is plain decoding, 26 and 40 EAGLE's tree forwards (1-16, 17-32 and 33-64 tokens each have block
-shapes of their own; a shape that several token counts share is tuned at the first that uses it). The draft head's
-matmuls keep the autotuner's picks. The JSON holds every pick of the process (`kernels.tuned_configs`, the format of
-bench.py's JSON) and the forward times before and after.
+shapes of their own; a shape that several token counts share is tuned at the first that uses it). With --eagle-tree
+the shapes of a whole EAGLE round (its tree forward and the draft head's matmuls) are tuned again, timed as rounds.
+The JSON holds every pick of the process (`kernels.tuned_configs`, the format of bench.py's JSON) and the times
+before and after.
 """
 
 from __future__ import annotations
@@ -90,6 +92,45 @@ def forward(model, n: int, T_: int = 1024, L: int = 500) -> Callable[[], object]
     return lambda: fwd(model, tok, slots, slots, mask)
 
 
+def tune_rounds(bench, model, a: argparse.Namespace) -> dict:
+    """Coordinate descent again, each candidate timed as `calls` EAGLE rounds replayed back to back (the generator's
+    one-graph round, captured again for every candidate), over the shapes the round uses: its tree forward's and the
+    draft head's. The picks of the forward phase are where it starts."""
+    tuners = [getattr(kernels, name) for name in ("_gemv_kernel", "_gemm_kernel")]
+    picked = [dict(t.cache) for t in tuners]
+    for t in tuners:  # so that the round's first call shows which shapes it uses
+        t.cache.clear()
+    gen, reset = bench.random_head_generator(model, a.tree, a.draft_vocab, a.feature_layers)
+    step = gen.round  # a generate.GraphedStep
+
+    def rounds():
+        reset()
+        for _ in range(a.calls):
+            step()
+
+    rounds()  # compiles and captures; the autotuner (or Triton's cache on disk) picks for shapes new to this process
+    keys = [(e["kernel"], tuple(e["key"])) for e in kernels.tuned_configs()]
+    for t, p in zip(tuners, picked, strict=True):
+        t.cache.update(p)  # the forward phase's picks where it made them
+
+    def seconds() -> float:
+        reset()
+        step.fn(*step.args)  # once outside any capture: compiles a block shape not run before
+        step.graph = None  # captured again, with the current picks, on the next call
+        rounds()
+        torch.cuda.synchronize()
+        return bench.cuda_time(rounds, iters=5) / a.calls
+
+    print(f"EAGLE rounds ({a.eagle_tree}): {len(keys)} matmul shapes to tune", flush=True)
+    before = seconds()
+    descend(keys, candidates_of, lambda k: kernel_of(k).cache[k[1]],
+            lambda k, c: kernel_of(k).cache.__setitem__(k[1], c), seconds, a.min_gain)  # fmt: skip
+    after = seconds()
+    print(f"EAGLE round: {before * 1e3:.4f} -> {after * 1e3:.4f} ms", flush=True)
+    return {"tree": a.eagle_tree, "draft_vocab": a.draft_vocab, "feature_layers": list(a.feature_layers),
+            "before": before, "tuned": after}  # fmt: skip
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-shape", "7b"],
@@ -98,6 +139,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", default="1,26,40", help="forward sizes to tune at (default 1,26,40)")
     p.add_argument("--calls", type=int, default=10, help="forwards in each timed CUDA graph (default 10)")
     p.add_argument("--min-gain", type=float, default=0.003, help="a new pick must be this much faster (default 0.3%%)")
+    p.add_argument("--eagle-tree", default=None, metavar="SPEC",
+                   help="then tune again in whole EAGLE rounds with this tree (a static spec, a tree file or\n"
+                   "eagle2[:K=..,D=..,N=..]; a random head, as bench.py --eagle times rounds): the tree's forward and\n"
+                   "the draft head's matmuls")  # fmt: skip
+    p.add_argument("--draft-vocab", type=int, default=16384, help="--eagle-tree: draft among this many ids (default\n"
+                   "16384, as the shipped SmolLM2 head; 0 = all)")  # fmt: skip
+    p.add_argument("--feature-layers", default="2,15", help="--eagle-tree: the random head fuses the target's\n"
+                   "residual streams entering these layers (default 2,15, as the shipped head; '' = none)")  # fmt: skip
     p.add_argument("--configs-in", default=None, metavar="JSON", help="start from these picks (a JSON of this script\n"
                    "or of bench.py) instead of the autotuner's")  # fmt: skip
     p.add_argument(
@@ -110,6 +159,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tokens: comma-separated integers, got {a.tokens!r}")
     if not a.tokens or min(a.tokens) < 1 or max(a.tokens) > kernels.MAX_M:
         p.error(f"--tokens: each between 1 and {kernels.MAX_M}")
+    try:
+        a.feature_layers = tuple(sorted({int(t) for t in a.feature_layers.split(",") if t.strip()}))
+        a.tree = T.make_tree(a.eagle_tree) if a.eagle_tree else None
+    except ValueError as e:  # also tree.TreeError
+        p.error(f"--feature-layers / --eagle-tree: {e}")
     return a
 
 
@@ -147,6 +201,8 @@ def main(argv=None) -> None:
         res["forward_seconds"][n] = {"autotuner": before, "tuned": after}
         print(f"{n} tokens: forward {before * 1e3:.4f} -> {after * 1e3:.4f} ms "
               f"({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
+    if a.tree is not None:
+        res["round_seconds"] = tune_rounds(bench, model, a)
     res["tuned_configs"] = kernels.tuned_configs()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")

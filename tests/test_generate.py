@@ -345,3 +345,8 @@ def test_tune_kernels_descent_keeps_the_fastest_pick():
     if tune_kernels.kernels.triton is not None:  # the candidates: the autotuner's list, fitted to the shape
         cands = tune_kernels.candidates_of(a)
         assert cands and all(c.kwargs["BLOCK_K"] <= 1024 and not c.kwargs["SPLIT"] > 1 for c in cands)
+    a = tune_kernels.parse_args(["--out", "k.json", "--eagle-tree", "eagle2:K=8,D=6,N=40", "--feature-layers", ""])
+    assert a.tokens == [1, 26, 40] and a.feature_layers == () and a.tree.N == 40 and a.draft_vocab == 16384
+    for argv in (["--tokens", "0"], ["--tokens", "65"], ["--eagle-tree", "no/such/tree.json"]):
+        with pytest.raises(SystemExit):
+            tune_kernels.parse_args(["--out", "k.json", *argv])
