@@ -544,6 +544,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{kernels.GEMM_MIN_BLOCK_M}: 16, 32 or 64 by the token count), for A/B runs of the tile height",
     )
     p.add_argument(
+        "--attn-block-t",
+        type=int,
+        choices=[32, 64, 128, 256],
+        default=None,
+        help=f"cache slots per program of the few-token attention's first kernel (default kernels.ATTN_BLOCK_T = "
+        f"{kernels.ATTN_BLOCK_T}); fewer, longer chunks leave its merge kernel less to read. For A/B runs",
+    )
+    p.add_argument(
         "--draft-vocab",
         type=int,
         default=None,
@@ -625,6 +633,8 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         kernels.FUSE_MIN_K = a.fuse_min_k
     if a.gemm_min_block_m is not None:
         kernels.GEMM_MIN_BLOCK_M = a.gemm_min_block_m
+    if a.attn_block_t is not None:
+        kernels.ATTN_BLOCK_T = a.attn_block_t
     if a.quant:
         mode, _, g = a.quant.partition(":")
         QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
@@ -636,7 +646,8 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
-        "gemm_min_block_m": kernels.GEMM_MIN_BLOCK_M, "triton_topk": kernels.TRITON_TOPK,
+        "gemm_min_block_m": kernels.GEMM_MIN_BLOCK_M, "attn_block_t": kernels.ATTN_BLOCK_T,
+        "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
         "draft_quant": a.draft_quant,
     }  # fmt: skip

@@ -427,6 +427,12 @@ def check_few_attention():
                 ref = M.small_attention(q.float(), k.float(), v.float(), mask).transpose(1, 2).reshape(1, S, H * hd)
                 tol = 1e-5 if dtype == torch.float32 else 2e-3
                 assert y.shape == (1, S, H * hd) and y.dtype == dtype and rel_err(y.float(), ref) < tol, (H, S, T)
+                if dtype == torch.float32 and T > 100:  # longer chunks (bench.py --attn-block-t), same result
+                    block_t, K.ATTN_BLOCK_T = K.ATTN_BLOCK_T, 128
+                    try:
+                        assert rel_err(K.few_token_attention(q, k, v, mask).float(), ref) < tol, (H, S, T, 128)
+                    finally:
+                        K.ATTN_BLOCK_T = block_t
         args = M.ModelArgs.from_name("tiny")
         model = M.Transformer(args).eval()
         tokens = torch.randint(0, args.vocab_size, (1, 40))
