@@ -44,11 +44,11 @@ projection, for one token where K >= FUSE_MIN_K.
 
 More custom ops cut launches elsewhere: `rope_and_cache` (RoPE on q and k, k and v into their cache slots: one
 kernel per layer instead of three), `few_token_attention` (attention of 1-64 query tokens in two kernels instead of
-four or five), `layer_inputs` (positions, RoPE rows and mask made once per forward or EAGLE draft round, in one
-launch, not per layer or draft step), `chunk_topk` (the draft's top-k and logsumexp over the vocabulary in one launch
-instead of three to five) and `copy_rows` (an accepted EAGLE path's KV rows moved down in every layer with one launch
-instead of one per cache tensor). With `PDL`
-every kernel here is launched so that its launch overlaps the end of the kernel before it (`set_pdl`).
+four or five, or in one with ATTN_ONE_KERNEL), `layer_inputs` (positions, RoPE rows and mask made once per forward or
+EAGLE draft round, in one launch, not per layer or draft step), `chunk_topk` (the draft's top-k and logsumexp over the
+vocabulary in one launch instead of three to five) and `copy_rows` (an accepted EAGLE path's KV rows moved down in
+every layer with one launch instead of one per cache tensor). With `PDL` every kernel here is launched so that its
+launch overlaps the end of the kernel before it (`set_pdl`).
 The tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -558,6 +558,7 @@ if triton is not None:
 MAX_SPLIT = 8  # the most programs a split config puts on one output block (the configs' SPLIT)
 SPLIT_MAX_N, SPLIT_MIN_K = 8192, 2048  # where split configs are tried; SmolLM2's matmuls (K <= 1536) never are
 TOPK_COUNTER, TOPK_MAX_ROWS = SPLIT_MAX_N, 1024  # chunk_topk's counters (one a row), after the split ones
+ATTN_COUNTER, ATTN_MAX_BLOCKS = TOPK_COUNTER + TOPK_MAX_ROWS, 1024  # ATTN_ONE_KERNEL's: one per (KV head, row block)
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
@@ -573,7 +574,7 @@ def counters(device: torch.device) -> Tensor:
     if device not in _COUNTERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("kernels.counters: make them outside CUDA-graph capture first (setup_caches does)")
-        _COUNTERS[device] = torch.zeros(SPLIT_MAX_N + TOPK_MAX_ROWS, dtype=torch.int32, device=device)
+        _COUNTERS[device] = torch.zeros(ATTN_COUNTER + ATTN_MAX_BLOCKS, dtype=torch.int32, device=device)
     return _COUNTERS[device]
 
 
@@ -808,16 +809,12 @@ def layer_inputs(table: Tensor, input_pos: Tensor, cache_pos: Tensor, mask: Tens
 if triton is not None:
 
     @triton.jit
-    def _attn_chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, S, T, scale, G: tl.constexpr,
-                           HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                           PDL: tl.constexpr):  # fmt: skip
-        """Program (kv, c, rb): query rows rb*BLOCK_R.. of KV head kv (row r = g*S + s: head kv*G + g, token s)
-        against cache slots c*BLOCK_T..: the chunk's row maxima m, sums l = sum(exp(score - m)) and unnormalized
-        outputs o = exp(score - m) @ v. A chunk no row may see reads no K or V."""
-        _pdl_start(PDL)
-        kv, c, rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def _attn_chunk(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, kv, c, r, S, T, NC, scale, G: tl.constexpr,
+                    HD: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        """Query rows r (row r = g*S + s: head kv*G + g, token s) of KV head kv against cache slots c*BLOCK_T..: the
+        chunk's row maxima m, sums l = sum(exp(score - m)) and unnormalized outputs o = exp(score - m) @ v, into the
+        scratch [KV, NC, R (, HD)]. A chunk no row may see reads no K or V."""
         R = G * S
-        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         t = c * BLOCK_T + tl.arange(0, BLOCK_T)
         d = tl.arange(0, HD)
         r_ok, t_ok = r < R, t < T
@@ -830,32 +827,31 @@ if triton is not None:
         p = tl.exp(score - tl.where(m == float("-inf"), 0.0, m)[:, None])  # rows that see nothing: all 0
         v = tl.load(v_ptr + (kv * T + t)[:, None] * HD + d[None, :], mask=kv_ok[:, None], other=0.0)
         o = tl.dot(p.to(v.dtype), v)  # [BLOCK_R, HD]
-        row = (kv * tl.num_programs(1) + c) * R + r  # scratch [KV, chunks, R (, HD)]
+        row = (kv * NC + c) * R + r
         tl.store(m_ptr + row, m, mask=r_ok)
         tl.store(l_ptr + row, tl.sum(p, 1), mask=r_ok)
         tl.store(o_ptr + row[:, None] * HD + d[None, :], o, mask=r_ok[:, None])
 
     @triton.jit
-    def _attn_merge_kernel(m_ptr, l_ptr, o_ptr, y_ptr, S, NC, G: tl.constexpr, HD: tl.constexpr,
-                           BLOCK_R: tl.constexpr, CB: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-        """Program (kv, rb): merge the chunks' (m, l, o) of rows rb*BLOCK_R.. of KV head kv into
-        softmax(scores) @ v, written to y [S, H*HD] (the layout the output projection reads: no transpose). CB chunks
-        at a time with a running maximum; CB >= NC (the usual case) is one pass, all loads issued together."""
-        _pdl_start(PDL)
-        kv, rb = tl.program_id(0), tl.program_id(1)
+    def _attn_merge(m_ptr, l_ptr, o_ptr, y_ptr, kv, r, S, NC, NKV, G: tl.constexpr, HD: tl.constexpr,
+                    CB: tl.constexpr):  # fmt: skip
+        """Merge the NC chunks' (m, l, o) of query rows r of KV head kv into softmax(scores) @ v, written to
+        y [S, H*HD] (the layout the output projection reads: no transpose). CB chunks at a time with a running
+        maximum; CB >= NC (the usual case) is one pass, all loads issued together. Loads bypass L1 (.cg): the chunks
+        may come from other SMs."""
         R = G * S
-        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < R
         cb, d = tl.arange(0, CB), tl.arange(0, HD)
-        big = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_R,), tl.float32)
-        acc = tl.zeros((BLOCK_R, HD), tl.float32)
+        big = tl.full(r.shape, float("-inf"), tl.float32)
+        total = tl.zeros(r.shape, tl.float32)
+        acc = tl.zeros((r.shape[0], HD), tl.float32)
         for c0 in range(0, NC, CB):
             ok = ((c0 + cb) < NC)[:, None] & r_ok[None, :]
             row = (kv * NC + c0 + cb)[:, None] * R + r[None, :]  # [CB, BLOCK_R]
-            mc = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
-            lc = tl.load(l_ptr + row, mask=ok, other=0.0)
-            oc = tl.load(o_ptr + row[:, :, None] * HD + d[None, None, :], mask=ok[:, :, None], other=0.0)
+            mc = tl.load(m_ptr + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            lc = tl.load(l_ptr + row, mask=ok, other=0.0, cache_modifier=".cg")
+            oc = tl.load(o_ptr + row[:, :, None] * HD + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                         cache_modifier=".cg")  # fmt: skip
             new = tl.maximum(big, tl.max(mc, 0))
             ref = tl.where(new == float("-inf"), 0.0, new)  # rows that have seen nothing yet: weights 0
             scale = tl.exp(big - ref)  # rescales what was summed so far (0 while big is -inf)
@@ -865,12 +861,51 @@ if triton is not None:
             big = new
         y = acc / tl.where(total > 0, total, 1.0)[:, None]
         h, s = kv * G + r // S, r % S
-        dst = y_ptr + s[:, None] * (tl.num_programs(0) * G * HD) + h[:, None] * HD + d[None, :]
+        dst = y_ptr + s[:, None] * (NKV * G * HD) + h[:, None] * HD + d[None, :]
         tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=r_ok[:, None])
+
+    @triton.jit
+    def _attn_chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, S, T, scale, G: tl.constexpr,
+                           HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                           PDL: tl.constexpr):  # fmt: skip
+        """Program (kv, c, rb): `_attn_chunk` for query rows rb*BLOCK_R.. of KV head kv and chunk c."""
+        _pdl_start(PDL)
+        kv, c, rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        _attn_chunk(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, kv, c, r, S, T, tl.num_programs(1), scale, G,
+                    HD, BLOCK_T)  # fmt: skip
+
+    @triton.jit
+    def _attn_merge_kernel(m_ptr, l_ptr, o_ptr, y_ptr, S, NC, G: tl.constexpr, HD: tl.constexpr,
+                           BLOCK_R: tl.constexpr, CB: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        """Program (kv, rb): `_attn_merge` of rows rb*BLOCK_R.. of KV head kv."""
+        _pdl_start(PDL)
+        kv, rb = tl.program_id(0), tl.program_id(1)
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        _attn_merge(m_ptr, l_ptr, o_ptr, y_ptr, kv, r, S, NC, tl.num_programs(0), G, HD, CB)
+
+    @triton.jit
+    def _attn_one_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, y_ptr, cnt_ptr, S, T, scale,
+                         G: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                         CB: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        """Both steps in one launch (ATTN_ONE_KERNEL): program (kv, c, rb) does chunk c of rows rb*BLOCK_R.., and the
+        last of the row block's chunk programs to finish (a counter per (kv, rb), as in _split_sum) merges them."""
+        _pdl_start(PDL)
+        kv, c, rb, NC = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1)
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        _attn_chunk(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, kv, c, r, S, T, NC, scale, G, HD, BLOCK_T)
+        cnt = cnt_ptr + kv * tl.num_programs(2) + rb
+        if _last_to_arrive(cnt, NC):
+            _attn_merge(m_ptr, l_ptr, o_ptr, y_ptr, kv, r, S, NC, tl.num_programs(0), G, HD, CB)
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
 ATTN_BLOCK_T = 64  # cache slots per program of _attn_chunk_kernel
 ATTN_MERGE_CHUNKS = 16  # chunks per pass of _attn_merge_kernel (16: caches of up to 1024 slots in one pass)
+# One launch instead of two (`_attn_one_kernel`: the last chunk program of each row block merges, 16 rows a block).
+# Not yet timed on a GPU (bench.py --attn-one-kernel); in a kernel table of a SmolLM2 EAGLE round (fourteenth session)
+# the merge kernel averaged 6.6 us against 3.6 for the chunk kernel, 35 of each a round.
+ATTN_ONE_KERNEL = False
 
 
 @torch.library.custom_op("llmgen::few_attention", mutates_args=())
@@ -883,10 +918,16 @@ def _few_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     lsum = torch.empty_like(m)
     o = torch.empty(KV, nc, R, hd, dtype=torch.float32, device=q.device)
     y = torch.empty(S, H * hd, dtype=q.dtype, device=q.device)
+    cb = min(triton.next_power_of_2(nc), ATTN_MERGE_CHUNKS)
+    if ATTN_ONE_KERNEL and KV * triton.cdiv(R, 16) <= ATTN_MAX_BLOCKS:
+        nr, cnt = triton.cdiv(R, 16), counters(q.device)[ATTN_COUNTER:]
+        _attn_one_kernel[(KV, nc, nr)](q, k, v, mask, m, lsum, o, y, cnt, S, T, hd**-0.5, G=G, HD=hd, BLOCK_R=16,
+                                       BLOCK_T=ATTN_BLOCK_T, CB=min(cb, 4), PDL=PDL, launch_pdl=PDL)  # fmt: skip
+        return y
     nr = triton.cdiv(R, block_r)
     _attn_chunk_kernel[(KV, nc, nr)](q, k, v, mask, m, lsum, o, S, T, hd**-0.5, G=G, HD=hd, BLOCK_R=block_r,
                                      BLOCK_T=ATTN_BLOCK_T, PDL=PDL, launch_pdl=PDL)  # fmt: skip
-    merge_r, cb = 4, min(triton.next_power_of_2(nc), ATTN_MERGE_CHUNKS)
+    merge_r = 4
     _attn_merge_kernel[(KV, triton.cdiv(R, merge_r))](m, lsum, o, y, S, nc, G=G, HD=hd, BLOCK_R=merge_r, CB=cb,
                                                       PDL=PDL, launch_pdl=PDL)  # fmt: skip
     return y
