@@ -837,8 +837,8 @@ if triton is not None:
                     CB: tl.constexpr):  # fmt: skip
         """Merge the NC chunks' (m, l, o) of query rows r of KV head kv into softmax(scores) @ v, written to
         y [S, H*HD] (the layout the output projection reads: no transpose). CB chunks at a time with a running
-        maximum; CB >= NC (the usual case) is one pass, all loads issued together. Loads bypass L1 (.cg): the chunks
-        may come from other SMs."""
+        maximum; CB >= NC (the usual case) is one pass, all loads issued together. The loads go past L1 (.cg): in
+        _attn_one_kernel other SMs wrote the chunks during the same kernel."""
         R = G * S
         r_ok = r < R
         cb, d = tl.arange(0, CB), tl.arange(0, HD)
