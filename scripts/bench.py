@@ -587,10 +587,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--configs-in",
+        "--kernel-configs",
+        dest="configs_in",
         default=None,
         metavar="JSON",
-        help="pin the matmul block shapes recorded in an earlier bench.py JSON ('tuned_configs'), so A/B runs use the "
-        "same ones instead of the autotuner's pick of the day (kernels.pin_configs)",
+        help="pin the matmul block shapes recorded in an earlier bench.py JSON or by scripts/tune_kernels.py "
+        "('tuned_configs'), so A/B runs use the same ones instead of the autotuner's pick of the day "
+        "(kernels.pin_configs; generate.py --kernel-configs)",
     )
     p.add_argument(
         "--feature-layers",

@@ -279,6 +279,7 @@ def test_bench_eagle_flag(monkeypatch):
     a = bench.parse_args(["--eagle", "some/head", "--compare-head", bench.HEAD, "--compare-head", bench.HEAD])
     assert a.mt_bench and a.eagle == "some/head" and a.compare_head == [bench.HEAD, bench.HEAD]
     assert bench.parse_args(["--mt-bench"]).compare_head == []
+    assert bench.parse_args(["--eagle", "--kernel-configs", "k.json"]).configs_in == "k.json"  # generate.py's name
     for argv in (["--compare-head", bench.HEAD], ["--mt-bench", "--compare-head", "no/head"]):
         with pytest.raises(SystemExit) as e:
             bench.parse_args(argv)
