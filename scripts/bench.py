@@ -308,22 +308,11 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, size
     target is read (overhead_gpu_vs_target_forward). feature_layers: a head with feature fusion (draft.py)."""
     model, _ = load(name)
     T_ = 1024
-    L = torch.tensor([500], device="cuda")
     out: dict = {"model": name, "tree": tree_spec, "target_forward_s": {}}
     tree = T.build_tree(T.parse_tree_spec(tree_spec))
     model.setup_caches(1, T_)
-    fwd = torch.compile(lambda m, tok, pos, slots, mask: m(tok, pos, slots, mask), fullgraph=True, dynamic=False)
     for n in sorted({1, *sizes, tree.N}):  # each size compiles a forward of its own (~30 s)
-        chain = (
-            T.build_tree(T.parse_tree_spec(f"chain:{n - 1}")) if n > 1 else None
-        )  # the cost is the same for any tree
-        anc = chain.ancestors.cuda() if chain else torch.ones(1, 1, dtype=torch.bool, device="cuda")
-        tok = torch.randint(0, model.args.vocab_size, (1, n), device="cuda")
-        slots = L + torch.arange(n, device="cuda")
-        mask = T.target_tree_mask(anc, L, T_)
-        out["target_forward_s"][n] = graph_time(
-            lambda tok=tok, slots=slots, mask=mask: fwd(model, tok, slots, slots, mask)
-        )
+        out["target_forward_s"][n] = graph_time(tree_forward(model, n, T_, 500))
     gen, reset = random_head_generator(model, tree, draft_vocab, feature_layers)
     out["draft_vocab"], out["feature_layers"] = draft_vocab or 0, list(feature_layers)
     st, head = gen.state, gen.head
@@ -355,7 +344,7 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, size
     out["round_gpu_s"] = cuda_time(rounds20, iters=5) / 20
     if PROFILE_DIR is not None:
         dv = f"_dv{draft_vocab}" if draft_vocab else ""
-        kernel_table(rounds20, f"rounds_{name}_{tree_spec.replace(':', '')}_{DRAFT_QUANT}{dv}", lambda _: 20)
+        kernel_table(rounds20, f"rounds_{name}_{tree_spec}_{DRAFT_QUANT}{dv}", lambda _: 20)
     t1, tn = out["target_forward_s"][1], out["target_forward_s"][tree.N]
     out["tree_tokens"] = tree.N
     out["overhead_vs_target_forward"] = (out["round_s"] - tn) / tn
@@ -363,6 +352,17 @@ def bench_rounds(name: str, tree_spec: str, draft_vocab: int | None = None, size
     out["forward_ratio_tree_vs_1"] = tn / t1
     out["implied_speedup_for_tau"] = {tau: tau * t1 / out["round_gpu_s"] for tau in (2.0, 3.0, 3.5, 4.0)}
     return out
+
+
+def tree_forward(model: M.Transformer, n: int, T_: int, L: int):
+    """The compiled target forward over n tokens at positions L.. of a T_-slot cache, under a chain's tree mask (the
+    cost is the same for any tree of n tokens), as a no-argument function (random tokens)."""
+    anc = T.build_tree(T.parse_tree_spec(f"chain:{n - 1}")).ancestors if n > 1 else torch.ones(1, 1, dtype=torch.bool)
+    tok = torch.randint(0, model.args.vocab_size, (1, n), device="cuda")
+    slots = L + torch.arange(n, device="cuda")
+    mask = T.target_tree_mask(anc.cuda(), torch.tensor([L], device="cuda"), T_)
+    fwd = torch.compile(lambda m, t, p, s, k: m(t, p, s, k), fullgraph=True, dynamic=False)
+    return lambda: fwd(model, tok, slots, slots, mask)
 
 
 def random_head_generator(model: M.Transformer, tree, draft_vocab: int | None, feature_layers: tuple[int, ...] = ()):
@@ -434,7 +434,7 @@ def bench_mt_bench(head_dirs: list[str], tree_specs: list[str], n_prompts: int, 
             gen.generate(prompts[0], max_new, tok.stop_ids)  # warm-up / compile
             warm_prefill(gen, prompts)
             eruns = [gen.generate(p, max_new, tok.stop_ids) for p in prompts]
-            profile(gen, prompts[0], max_new, f"eagle_{spec.replace(':', '').replace('+', '_')}")
+            profile(gen, prompts[0], max_new, f"eagle_{prefix}{spec}")  # (profile_path makes it a file name)
             toks = sum(len(r.output_ids) for r in eruns)
             rounds = sum(r.stats["rounds"] for r in eruns)
             taus = [r.stats["accept_len_mean"] for r in eruns]
@@ -636,7 +636,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
     G.set_kernels(a.kernel)
     kernels.TRITON_TOPK = a.triton_topk
     kernels.FEW_ATTENTION = a.triton_attention
-    pinned = kernels.pin_configs(json.loads(Path(a.configs_in).read_text())["tuned_configs"]) if a.configs_in else 0
+    pinned = G.pin_kernel_configs(a.configs_in) if a.configs_in else 0
     pdl = kernels.set_pdl(a.pdl and a.kernel != "torch")
     if a.fuse_min_k is not None:
         kernels.FUSE_MIN_K = a.fuse_min_k

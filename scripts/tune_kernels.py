@@ -80,18 +80,6 @@ def candidates_of(key: Key) -> list:
     return kernels._prune(kernel_of(key).configs, {"N": n, "K": k}, QUANT=quant, GROUP=group)
 
 
-def forward(model, n: int, T_: int = 1024, L: int = 500) -> Callable[[], object]:
-    """The compiled target forward over n tokens at positions L.., a chain's mask (the cost is the same for any
-    tree), as bench.py times it."""
-    dev = "cuda"
-    anc = T.build_tree(T.parse_tree_spec(f"chain:{n - 1}")).ancestors if n > 1 else torch.ones(1, 1, dtype=torch.bool)
-    tok = torch.randint(0, model.args.vocab_size, (1, n), device=dev)
-    slots = torch.tensor([L], device=dev) + torch.arange(n, device=dev)
-    mask = T.target_tree_mask(anc.to(dev), torch.tensor([L], device=dev), T_)
-    fwd = torch.compile(lambda m, t, p, s, k: m(t, p, s, k), fullgraph=True, dynamic=False)
-    return lambda: fwd(model, tok, slots, slots, mask)
-
-
 def tune_rounds(bench, model, a: argparse.Namespace) -> dict:
     """Coordinate descent again, each candidate timed as `calls` EAGLE rounds replayed back to back (the generator's
     one-graph round, captured again for every candidate), over the shapes the round uses: its tree forward's and the
@@ -178,7 +166,7 @@ def main(argv=None) -> None:
     kernels.set_pdl(True)
     bench.G.set_inductor_flags()
     if a.configs_in:
-        kernels.pin_configs(json.loads(Path(a.configs_in).read_text())["tuned_configs"])
+        bench.G.pin_kernel_configs(a.configs_in)
     model, _ = bench.load(a.model)
     model.setup_caches(1, 1024)
     res: dict = {
@@ -188,7 +176,7 @@ def main(argv=None) -> None:
     }  # fmt: skip
     t0 = time.perf_counter()
     for n in a.tokens:
-        fn = forward(model, n)
+        fn = bench.tree_forward(model, n, 1024, 500)
         seen = {(e["kernel"], tuple(e["key"])) for e in kernels.tuned_configs()}
         fn()  # compiles, and autotunes the shapes not seen yet
         keys = [k for k in ((e["kernel"], tuple(e["key"])) for e in kernels.tuned_configs()) if k not in seen]
