@@ -636,7 +636,10 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
     G.set_kernels(a.kernel)
     kernels.TRITON_TOPK = a.triton_topk
     kernels.FEW_ATTENTION = a.triton_attention
-    pinned = G.pin_kernel_configs(a.configs_in) if a.configs_in else 0
+    try:
+        pinned = G.pin_kernel_configs(a.configs_in) if a.configs_in else 0
+    except G.UserError as e:
+        sys.exit(f"error: {e}")
     pdl = kernels.set_pdl(a.pdl and a.kernel != "torch")
     if a.fuse_min_k is not None:
         kernels.FUSE_MIN_K = a.fuse_min_k

@@ -166,7 +166,10 @@ def main(argv=None) -> None:
     kernels.set_pdl(True)
     bench.G.set_inductor_flags()
     if a.configs_in:
-        bench.G.pin_kernel_configs(a.configs_in)
+        try:
+            bench.G.pin_kernel_configs(a.configs_in)
+        except bench.G.UserError as e:
+            sys.exit(f"error: {e}")
     model, _ = bench.load(a.model)
     model.setup_caches(1, 1024)
     res: dict = {
