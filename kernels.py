@@ -44,7 +44,7 @@ projection, for one token where K >= FUSE_MIN_K.
 
 More custom ops cut launches elsewhere: `rope_and_cache` (RoPE on q and k, k and v into their cache slots: one
 kernel per layer instead of three), `few_token_attention` (attention of 1-64 query tokens in two kernels instead of
-four or five, or in one with ATTN_ONE_KERNEL), `layer_inputs` (positions, RoPE rows and mask made once per forward or
+four or five), `layer_inputs` (positions, RoPE rows and mask made once per forward or
 EAGLE draft round, in one launch, not per layer or draft step), `chunk_topk` (the draft's top-k and logsumexp over the
 vocabulary in one launch instead of three to five) and `copy_rows` (an accepted EAGLE path's KV rows moved down in
 every layer with one launch instead of one per cache tensor). With `PDL` every kernel here is launched so that its
@@ -81,6 +81,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # griddepcontrol.launch_dependents (the kernel after it may be launched now). So launching the next kernel overlaps
 # the end of this one instead of following it. Off until set_pdl turns it on (generate.py and bench.py do, by default).
 PDL = False
+# With PDL, each matmul fetches its first weights before that wait (weights are never written while decoding): the
+# one-token kernel its first chunk into registers, the few-token one its first lines into L2. bench.py --no-prefetch
+# turns it off for A/B runs.
+PREFETCH = True
 
 
 def available(x: Tensor) -> bool:
@@ -267,6 +271,19 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
 
+    @triton.jit
+    def _prefetch_l2(w_ptr, rn, N, k_lo, k_hi, K, ELEM_BITS: tl.constexpr):
+        """Ask L2 for the first 2 KB (at most) of the columns k_lo .. k_hi of weight rows rn (one `prefetch` per
+        128-byte line, no registers held): issued before the PDL wait, these lines come in while the kernel before
+        is still running. Addresses are clamped to the rows and columns that exist."""
+        if not _NO_PTX:
+            LINES: tl.constexpr = 16
+            row = tl.minimum(rn, N - 1).to(tl.int64) * (K * ELEM_BITS // 8)  # byte offset of each row
+            col = tl.minimum(k_lo * ELEM_BITS // 8 + tl.arange(0, LINES) * 128, (k_hi * ELEM_BITS // 8) - 1)
+            p = w_ptr.to(tl.pointer_type(tl.int8)) + row[:, None] + col[None, :]
+            tl.inline_asm_elementwise(asm="prefetch.global.L2 [$1]; // dummy $0", constraints="=r,l", args=[p],
+                                      dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
     _NO_PTX = tl.constexpr(INTERPRET)  # Triton's CPU interpreter runs no inline PTX
 
     _TUNE = {"prune_configs_by": {"early_config_prune": _prune}, "do_bench": _fast_bench}
@@ -316,17 +333,6 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _w_tile(w_ptr, rows, row_ok, kk, K, QUANT: tl.constexpr, EVEN_K: tl.constexpr):
-        """Rows `rows`, columns kk of a bf16/fp16 (quant 0) or int8 (quant 1, unscaled) weight [N, K] as float32;
-        0 past K unless EVEN_K."""
-        w = _rows_load(w_ptr, rows, row_ok, kk, K, EVEN_K)
-        if QUANT == 1:
-            w = _int8_float(w) - 8388736.0  # (masked entries: 0 -> 0 here)
-        else:
-            w = w.to(tl.float32)
-        return w
-
-    @triton.jit
     def _dot(x, w, acc, SWAP: tl.constexpr):
         """acc + x @ w.T ([BLOCK_M, BLOCK_N]), or with SWAP acc + w @ x.T ([BLOCK_N, BLOCK_M]): the converted weight
         tile as tl.dot's first operand, which the tensor cores can take from registers, and the few tokens as its N
@@ -362,6 +368,63 @@ if triton is not None:
         ok = row_ok[:, None, None] if EVEN_K else row_ok[:, None, None] & (kw < KW)[None, :, :]
         return tl.load(w_ptr + rows[:, None, None] * KW + kw[None, :, :], mask=ok, other=0)
 
+    @triton.jit
+    def _gemv_chunk(acc, ss, w, x_ptr, g_ptr, kk, K, QUANT: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+                    EVEN_K: tl.constexpr):  # fmt: skip
+        """_gemv_kernel (bf16 / int8), one chunk: columns kk, weights w [BLOCK_N, BLOCK_K] as stored. Returns the
+        updated (acc, ss): products summed elementwise, and x's squares for the norm."""
+        xk = _load_x(x_ptr, kk, K, GATED, EVEN_K)
+        if NORM:
+            ss += xk * xk
+            xk = xk * _load_x(g_ptr, kk, K, False, EVEN_K)
+        if QUANT == 1:
+            wf = _int8_float(w) - 8388736.0  # (masked entries: 0 -> 0 here)
+        else:
+            wf = w.to(tl.float32)
+        return acc + wf * xk[None, :], ss
+
+    @triton.jit
+    def _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP: tl.constexpr,
+                         NORM: tl.constexpr, GATED: tl.constexpr, X_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
+                         EVEN_K: tl.constexpr):  # fmt: skip
+        """_gemv_kernel (int4), one chunk from column k0: words wt [BLOCK_N, NG, WG]. Returns the updated (acc, ss)."""
+        NG: tl.constexpr = BLOCK_K // GROUP
+        WG: tl.constexpr = GROUP // 8
+        X64: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16 and X_ALIGNED
+        x64 = x_ptr.to(tl.pointer_type(tl.int64))
+        kw = k0 // 8 + rw
+        kok = kw < KW  # (the last chunk may hold groups past K: weights, scales and x read as 0 there)
+        a = tl.zeros((wt.shape[0], NG, WG), dtype=tl.float32)  # sum of (1 + q / 16) x over each word
+        xs = tl.zeros((NG, WG), dtype=tl.float32)  # sum of x over each word
+        if X64:  # bf16 x read 4 at a time as int64 (8 x a word: 2 loads), unpacked by _bf16_of
+            for p in tl.static_range(2):
+                xq = _load_ok(x64 + 2 * kw + p, kok, EVEN_K)
+                if GATED:
+                    uq = _load_ok(x64 + K // 4 + 2 * kw + p, kok, EVEN_K)
+                if NORM:
+                    gq = _load_ok(g_ptr.to(tl.pointer_type(tl.int64)) + 2 * kw + p, kok, EVEN_K)
+                for h in tl.static_range(4):
+                    xj = _bf16_of(xq, h)
+                    if GATED:
+                        xj = xj * tl.sigmoid(xj) * _bf16_of(uq, h)
+                    if NORM:
+                        ss += xj * xj
+                        xj = xj * _bf16_of(gq, h)
+                    xs += xj
+                    # nibble 4 p + h of a word is weight 8 w + 4 p + h (byte 2 p + h // 2, high nibble first)
+                    a += _mant(wt, 15 + 4 * (h % 2) - 8 * (2 * p + h // 2), 0x780000) * xj[None, :, :]
+        else:
+            for j in tl.static_range(8):  # nibble j of a word is weight 8 w + j (byte j // 2, high first)
+                xj = _load_x(x_ptr, 8 * kw + j, K, GATED, EVEN_K)
+                if NORM:
+                    ss += xj * xj
+                    xj = xj * _load_ok(g_ptr + 8 * kw + j, kok, EVEN_K).to(tl.float32)
+                xs += xj
+                a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
+        # W = (q - 8) s + z, so a group adds s * sum(q x) + (z - 8 s) * sum(x) = 16 s a + (z - 24 s) xs
+        s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG, EVEN_K)
+        return acc + a * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :], ss
+
     @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "QUANT", "GROUP", "NORM", "RESIDUAL", "GATED"], **_TUNE)
     @triton.heuristics(_EVEN_K)
     @triton.jit
@@ -383,72 +446,50 @@ if triton is not None:
         GATED: tl.constexpr,  # x = [gate | up], the input is silu(gate) * up: the SwiGLU before the down projection
         BIAS: tl.constexpr,  # y += b
         PDL: tl.constexpr,
+        PREFETCH: tl.constexpr,  # load the first chunk of weights before the PDL wait
         X_ALIGNED: tl.constexpr,  # x (and g) start at a multiple of 8 bytes: int4 may read bf16 x as int64
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
         """Every program reads all of x anyway, so the norm costs it a sum of squares and a multiply by g per
-        chunk, and one scale at the end (the rsqrt is the same for every output row)."""
-        _pdl_start(PDL)
+        chunk, and one scale at the end (the rsqrt is the same for every output row). With PREFETCH the first chunk of
+        weights is loaded before the PDL wait (no kernel writes weights), so that its trip to memory overlaps the end
+        of the kernel before; x, g and the residual are read after it."""
+        if not PREFETCH:
+            _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         if QUANT == 2:  # 32-bit words of 8 weights, [BLOCK_N rows, NG groups, WG words]; K a multiple of GROUP
             NG: tl.constexpr = BLOCK_K // GROUP
             WG: tl.constexpr = GROUP // 8
             KW = tl.multiple_of(K // 8, 4)  # words per row (K is a multiple of the group, >= 32)
-            X64: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16 and X_ALIGNED
-            x64 = x_ptr.to(tl.pointer_type(tl.int64))
             rw = tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :]
             acc = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
             ss = tl.zeros((NG, WG), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kw = k0 // 8 + rw
-                kok = kw < KW  # (the last chunk may hold groups past K: weights, scales and x read as 0 there)
-                wt = _int4_words(w_ptr, rn, n_ok, kw, KW, EVEN_K)
-                a = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)  # sum of (1 + q / 16) x over each word
-                xs = tl.zeros((NG, WG), dtype=tl.float32)  # sum of x over each word
-                if X64:  # bf16 x read 4 at a time as int64 (8 x a word: 2 loads), unpacked by _bf16_of
-                    for p in tl.static_range(2):
-                        xq = _load_ok(x64 + 2 * kw + p, kok, EVEN_K)
-                        if GATED:
-                            uq = _load_ok(x64 + K // 4 + 2 * kw + p, kok, EVEN_K)
-                        if NORM:
-                            gq = _load_ok(g_ptr.to(tl.pointer_type(tl.int64)) + 2 * kw + p, kok, EVEN_K)
-                        for h in tl.static_range(4):
-                            xj = _bf16_of(xq, h)
-                            if GATED:
-                                xj = xj * tl.sigmoid(xj) * _bf16_of(uq, h)
-                            if NORM:
-                                ss += xj * xj
-                                xj = xj * _bf16_of(gq, h)
-                            xs += xj
-                            # nibble 4 p + h of a word is weight 8 w + 4 p + h (byte 2 p + h // 2, high nibble first)
-                            a += _mant(wt, 15 + 4 * (h % 2) - 8 * (2 * p + h // 2), 0x780000) * xj[None, :, :]
-                else:
-                    for j in tl.static_range(8):  # nibble j of a word is weight 8 w + j (byte j // 2, high first)
-                        xj = _load_x(x_ptr, 8 * kw + j, K, GATED, EVEN_K)
-                        if NORM:
-                            ss += xj * xj
-                            xj = xj * _load_ok(g_ptr + 8 * kw + j, kok, EVEN_K).to(tl.float32)
-                        xs += xj
-                        a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
-                # W = (q - 8) s + z, so a group adds s * sum(q x) + (z - 8 s) * sum(x) = 16 s a + (z - 24 s) xs
-                s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG, EVEN_K)
-                acc += a * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :]
+            wt = _int4_words(w_ptr, rn, n_ok, rw, KW, EVEN_K)  # chunk 0
+            if PREFETCH:
+                _pdl_start(PDL)
+            acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, 0, K, KW, rw, GROUP, NORM, GATED,
+                                       X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
+            for k0 in range(BLOCK_K, K, BLOCK_K):
+                wt = _int4_words(w_ptr, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)
+                acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP, NORM,
+                                           GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
             y = tl.sum(tl.sum(acc, axis=2), axis=1)
             sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
         else:
             rk = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            w = _rows_load(w_ptr, rn, n_ok, rk, K, EVEN_K)  # chunk 0, as stored
+            if PREFETCH:
+                _pdl_start(PDL)
+            acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, rk, K, QUANT, NORM, GATED, EVEN_K)
+            for k0 in range(BLOCK_K, K, BLOCK_K):
                 kk = k0 + rk
-                xk = _load_x(x_ptr, kk, K, GATED, EVEN_K)
-                if NORM:
-                    ss += xk * xk
-                    xk = xk * _load_x(g_ptr, kk, K, False, EVEN_K)
-                acc += _w_tile(w_ptr, rn, n_ok, kk, K, QUANT, EVEN_K) * xk[None, :]
+                w = _rows_load(w_ptr, rn, n_ok, kk, K, EVEN_K)
+                acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, kk, K, QUANT, NORM, GATED, EVEN_K)
             y = tl.sum(acc, axis=1)
             sum_sq = tl.sum(ss, axis=0)
         if QUANT == 1:
@@ -487,17 +528,20 @@ if triton is not None:
         SWAP: tl.constexpr,  # see _dot
         SPLIT: tl.constexpr,  # programs per output block, each over 1 / SPLIT of K (_split_sum)
         WORDS: tl.constexpr,  # int4: read 32-bit words, 8 dots a chunk (else bytes, 2 dots)
+        PREFETCH: tl.constexpr,  # the first weight lines into L2 before the PDL wait (_prefetch_l2)
         EVEN_K: tl.constexpr,
     ):
         """_gemv_kernel's epilogue (residual, bias) for a few tokens. Nothing runs between a tile's load and tl.dot: the
         norm or the gating there (tried in the third and sixth sessions) made an EAGLE round up to 59% slower, and the
         norm's weight folded into W with its row scale and the gating in the gate/up epilogue (seventh) gained
         nothing measurable."""
-        _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
         k_lo, k_hi = _k_range(K, BLOCK_K, SPLIT)
+        if PREFETCH:  # bits a weight: bf16 / fp16, int8, int4
+            _prefetch_l2(w_ptr, rn, N, k_lo, k_hi, K, 16 // (1 << QUANT))
+        _pdl_start(PDL)
         if SWAP:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
@@ -558,7 +602,6 @@ if triton is not None:
 MAX_SPLIT = 8  # the most programs a split config puts on one output block (the configs' SPLIT)
 SPLIT_MAX_N, SPLIT_MIN_K = 8192, 2048  # where split configs are tried; SmolLM2's matmuls (K <= 1536) never are
 TOPK_COUNTER, TOPK_MAX_ROWS = SPLIT_MAX_N, 1024  # chunk_topk's counters (one a row), after the split ones
-ATTN_COUNTER, ATTN_MAX_BLOCKS = TOPK_COUNTER + TOPK_MAX_ROWS, 1024  # ATTN_ONE_KERNEL's: one per (KV head, row block)
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
@@ -574,7 +617,7 @@ def counters(device: torch.device) -> Tensor:
     if device not in _COUNTERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("kernels.counters: make them outside CUDA-graph capture first (setup_caches does)")
-        _COUNTERS[device] = torch.zeros(ATTN_COUNTER + ATTN_MAX_BLOCKS, dtype=torch.int32, device=device)
+        _COUNTERS[device] = torch.zeros(TOPK_COUNTER + TOPK_MAX_ROWS, dtype=torch.int32, device=device)
     return _COUNTERS[device]
 
 
@@ -622,7 +665,14 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
         raise ValueError("a norm and gating together are not supported")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     s = s if s is not None else w  # placeholder pointers the kernel never reads
-    flags = dict(QUANT=quant, GROUP=group, RESIDUAL=residual is not None, BIAS=bias is not None, PDL=PDL)
+    flags = dict(
+        QUANT=quant,
+        GROUP=group,
+        RESIDUAL=residual is not None,
+        BIAS=bias is not None,
+        PDL=PDL,
+        PREFETCH=PREFETCH and PDL,
+    )
     norm = g is not None
     g, r, b = (t if t is not None else x for t in (g, residual, bias))
     if m == 1:
@@ -837,8 +887,8 @@ if triton is not None:
                     CB: tl.constexpr):  # fmt: skip
         """Merge the NC chunks' (m, l, o) of query rows r of KV head kv into softmax(scores) @ v, written to
         y [S, H*HD] (the layout the output projection reads: no transpose). CB chunks at a time with a running
-        maximum; CB >= NC (the usual case) is one pass, all loads issued together. The loads go past L1 (.cg): in
-        _attn_one_kernel other SMs wrote the chunks during the same kernel."""
+        maximum; CB >= NC (the usual case) is one pass, all loads issued together, past L1 (.cg: other SMs wrote
+        them)."""
         R = G * S
         r_ok = r < R
         cb, d = tl.arange(0, CB), tl.arange(0, HD)
@@ -884,28 +934,11 @@ if triton is not None:
         r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         _attn_merge(m_ptr, l_ptr, o_ptr, y_ptr, kv, r, S, NC, tl.num_programs(0), G, HD, CB)
 
-    @triton.jit
-    def _attn_one_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, y_ptr, cnt_ptr, S, T, scale,
-                         G: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                         CB: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-        """Both steps in one launch (ATTN_ONE_KERNEL): program (kv, c, rb) does chunk c of rows rb*BLOCK_R.., and the
-        last of the row block's chunk programs to finish (a counter per (kv, rb), as in _split_sum) merges them."""
-        _pdl_start(PDL)
-        kv, c, rb, NC = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1)
-        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-        _attn_chunk(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, kv, c, r, S, T, NC, scale, G, HD, BLOCK_T)
-        cnt = cnt_ptr + kv * tl.num_programs(2) + rb
-        if _last_to_arrive(cnt, NC):
-            _attn_merge(m_ptr, l_ptr, o_ptr, y_ptr, kv, r, S, NC, tl.num_programs(0), G, HD, CB)
-            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-
 
 ATTN_BLOCK_T = 64  # cache slots per program of _attn_chunk_kernel
 ATTN_MERGE_CHUNKS = 16  # chunks per pass of _attn_merge_kernel (16: caches of up to 1024 slots in one pass)
-# One launch instead of two (`_attn_one_kernel`: the last chunk program of each row block merges, 16 rows a block).
-# Not yet timed on a GPU (bench.py --attn-one-kernel); in a kernel table of a SmolLM2 EAGLE round (fourteenth session)
-# the merge kernel averaged 6.6 us against 3.6 for the chunk kernel, 35 of each a round.
-ATTN_ONE_KERNEL = False
+# (One launch instead of two, the last chunk program of each row block merging, was slower: SmolLM2 plain decoding
+# 1370 against 1603 tok/s on an H200, fifteenth session; removed.)
 
 
 @torch.library.custom_op("llmgen::few_attention", mutates_args=())
@@ -919,11 +952,6 @@ def _few_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     o = torch.empty(KV, nc, R, hd, dtype=torch.float32, device=q.device)
     y = torch.empty(S, H * hd, dtype=q.dtype, device=q.device)
     cb = min(triton.next_power_of_2(nc), ATTN_MERGE_CHUNKS)
-    if ATTN_ONE_KERNEL and KV * triton.cdiv(R, 16) <= ATTN_MAX_BLOCKS:
-        nr, cnt = triton.cdiv(R, 16), counters(q.device)[ATTN_COUNTER:]
-        _attn_one_kernel[(KV, nc, nr)](q, k, v, mask, m, lsum, o, y, cnt, S, T, hd**-0.5, G=G, HD=hd, BLOCK_R=16,
-                                       BLOCK_T=ATTN_BLOCK_T, CB=min(cb, 4), PDL=PDL, launch_pdl=PDL)  # fmt: skip
-        return y
     nr = triton.cdiv(R, block_r)
     _attn_chunk_kernel[(KV, nc, nr)](q, k, v, mask, m, lsum, o, S, T, hd**-0.5, G=G, HD=hd, BLOCK_R=block_r,
                                      BLOCK_T=ATTN_BLOCK_T, PDL=PDL, launch_pdl=PDL)  # fmt: skip

@@ -543,11 +543,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"few-token matmuls pad their rows to at least this many (default kernels.GEMM_MIN_BLOCK_M = "
         f"{kernels.GEMM_MIN_BLOCK_M}: 16, 32 or 64 by the token count), for A/B runs of the tile height",
     )
-    p.add_argument(
-        "--attn-one-kernel",
-        action="store_true",
-        help="few-token attention in one launch (kernels.ATTN_ONE_KERNEL: the last chunk program of each row block\n"
-        "merges) instead of two, for A/B runs",
+    switch(
+        p,
+        "--prefetch",
+        True,
+        "matmuls fetch their first weights before the PDL wait (kernels.PREFETCH);\n--no-prefetch for A/B runs",
     )
     p.add_argument(
         "--attn-block-t",
@@ -647,7 +647,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         kernels.GEMM_MIN_BLOCK_M = a.gemm_min_block_m
     if a.attn_block_t is not None:
         kernels.ATTN_BLOCK_T = a.attn_block_t
-    kernels.ATTN_ONE_KERNEL = a.attn_one_kernel
+    kernels.PREFETCH = a.prefetch
     if a.quant:
         mode, _, g = a.quant.partition(":")
         QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
@@ -660,7 +660,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
         "gemm_min_block_m": kernels.GEMM_MIN_BLOCK_M, "attn_block_t": kernels.ATTN_BLOCK_T,
-        "attn_one_kernel": kernels.ATTN_ONE_KERNEL, "triton_topk": kernels.TRITON_TOPK,
+        "prefetch": kernels.PREFETCH and pdl, "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
         "draft_quant": a.draft_quant,
     }  # fmt: skip

@@ -31,9 +31,9 @@ QUANTS = {"bf16": K.NONE, "int8": K.INT8, "int4": K.INT4}
 
 def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: int, stages: int, block_m: int,
                    swap: bool, group: int, arch: int, split: int = 1, masked: bool = False,
-                   words: bool = False):  # fmt: skip
+                   words: bool = False, pdl: bool = False):  # fmt: skip
     """The one-token (_gemv_kernel) or few-token (_gemm_kernel) kernel compiled for sm_<arch>, bf16 activations, no
-    fusions."""
+    fusions; pdl: with the PDL wait and the weight prefetch before it (kernels.PREFETCH), as generate.py runs it."""
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.compiler import ASTSource  # noqa: PLC0415
@@ -43,7 +43,7 @@ def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: i
     fn = kern.fn.fn  # Autotuner -> Heuristics -> JITFunction
     w_type = {K.NONE: "*bf16", K.INT8: "*i8", K.INT4: "*i32" if tokens == 1 else "*u8"}[q]  # (words: cast inside)
     values = dict(QUANT=q, GROUP=group if q == K.INT4 else 0, NORM=False, RESIDUAL=False, GATED=False, BIAS=False,
-                  PDL=False, X_ALIGNED=True, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                  PDL=pdl, PREFETCH=pdl, X_ALIGNED=True, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   SWAP=int(swap), EVEN_K=not masked, WORDS=int(words))  # fmt: skip
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
@@ -60,15 +60,20 @@ def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: i
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def inner_loop(compiled) -> list[str]:
-    """The instructions of the longest backward branch's body (the walk over K)."""
+def sass_of(compiled) -> str:
+    """The machine code, as Triton's bundled nvdisasm lists it."""
     import triton  # noqa: PLC0415
 
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def inner_loop(compiled) -> list[str]:
+    """The instructions of the longest backward branch's body (the walk over K)."""
+    sass = sass_of(compiled)
     code, labels, pending = [], {}, None
     for line in sass.splitlines():
         if m := re.match(r"\s*\.L_x_(\d+):", line):
@@ -102,7 +107,8 @@ def compile_all(arch: int) -> int:
                 continue
             try:
                 shape = (kw["BLOCK_N"], max(kw["BLOCK_K"], 64), c.num_warps, c.num_stages, 32, bool(kw.get("SWAP")))
-                compile_matmul(quant, tokens, *shape, 64, arch, kw.get("SPLIT", 1), masked, bool(kw.get("WORDS")))
+                compile_matmul(quant, tokens, *shape, 64, arch, kw.get("SPLIT", 1), masked, bool(kw.get("WORDS")),
+                               pdl=True)  # fmt: skip
                 done += 1
             except Exception as e:  # noqa: BLE001
                 failed += 1
@@ -129,6 +135,8 @@ def main() -> None:
     p.add_argument("--masked", action="store_true", help="K not a multiple of BLOCK_K: the loads masked on K")
     p.add_argument("--words", action="store_true", help="few-token int4: read 32-bit words (8 dots a chunk)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    p.add_argument("--pdl", action="store_true", help="with the PDL wait and the weight prefetch before it")
+    p.add_argument("--dump", action="store_true", help="print the whole SASS (where do the loads sit?)")
     p.add_argument("--all", action="store_true", help="only compile every config of both kernels (minutes)")
     a = p.parse_args()
     if K.triton is None:
@@ -138,9 +146,12 @@ def main() -> None:
     block_m = a.block_m or (16 if a.tokens <= 16 else 32 if a.tokens <= 32 else 64)
     try:
         compiled = compile_matmul(a.quant, a.tokens, a.block_n, a.block_k, a.warps, a.stages, block_m, a.swap,
-                                  a.group, a.arch, a.split, a.masked, a.words)  # fmt: skip
+                                  a.group, a.arch, a.split, a.masked, a.words, a.pdl)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a config that does not compile is an answer, not a crash
         sys.exit(f"error: does not compile: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
+    if a.dump:
+        print(sass_of(compiled))
+        return
     body = inner_loop(compiled)
     if not body:
         sys.exit("error: no loop found (one chunk covers K?): try a smaller --block-k")

@@ -43,12 +43,17 @@ Key = tuple[str, tuple]  # (kernel name, the autotuner's key)
 
 def descend(keys: list[Key], candidates: Callable[[Key], list], get: Callable[[Key], object],
             put: Callable[[Key, object], None], seconds: Callable[[], float], min_gain: float = 0.003,
-            log: Callable[[str], None] = print) -> dict[Key, tuple[float, float]]:  # fmt: skip
+            log: Callable[[str], None] = print,
+            deadline: float = float("inf")) -> dict[Key, tuple[float, float]]:  # fmt: skip
     """One pass of coordinate descent: for each key, time every candidate with the other keys at their picks and keep
     the fastest, unless it beats the current pick by less than min_gain (relative: timing noise). A candidate that
-    fails to run is skipped. Returns key -> (seconds with the pick it had, seconds with the pick it keeps)."""
+    fails to run is skipped. Keys not reached by `deadline` (time.perf_counter()) keep their picks. Returns key ->
+    (seconds with the pick it had, seconds with the pick it keeps)."""
     out = {}
     for key in keys:
+        if time.perf_counter() > deadline:
+            log(f"  time is up: {len(keys) - len(out)} shapes keep the autotuner's picks")
+            break
         start = get(key)
         best_t = base = seconds()
         best = start
@@ -112,7 +117,8 @@ def tune_rounds(bench, model, a: argparse.Namespace) -> dict:
     print(f"EAGLE rounds ({a.eagle_tree}): {len(keys)} matmul shapes to tune", flush=True)
     before = seconds()
     descend(keys, candidates_of, lambda k: kernel_of(k).cache[k[1]],
-            lambda k, c: kernel_of(k).cache.__setitem__(k[1], c), seconds, a.min_gain)  # fmt: skip
+            lambda k, c: kernel_of(k).cache.__setitem__(k[1], c), seconds, a.min_gain,
+            deadline=a.deadline)  # fmt: skip
     after = seconds()
     print(f"EAGLE round: {before * 1e3:.4f} -> {after * 1e3:.4f} ms", flush=True)
     return {"tree": a.eagle_tree, "draft_vocab": a.draft_vocab, "feature_layers": list(a.feature_layers),
@@ -135,6 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "16384, as the shipped SmolLM2 head; 0 = all)")  # fmt: skip
     p.add_argument("--feature-layers", default="2,15", help="--eagle-tree: the random head fuses the target's\n"
                    "residual streams entering these layers (default 2,15, as the shipped head; '' = none)")  # fmt: skip
+    p.add_argument("--max-seconds", type=float, default=None, help="stop tuning after this long (shapes not reached\n"
+                   "keep the autotuner's picks); the JSON is written after each phase in any case")  # fmt: skip
     p.add_argument("--configs-in", default=None, metavar="JSON", help="start from these picks (a JSON of this script\n"
                    "or of bench.py) instead of the autotuner's")  # fmt: skip
     p.add_argument(
@@ -178,6 +186,13 @@ def main(argv=None) -> None:
         "command": " ".join(sys.argv), "forward_seconds": {},
     }  # fmt: skip
     t0 = time.perf_counter()
+    a.deadline = t0 + a.max_seconds if a.max_seconds else float("inf")
+
+    def write() -> None:  # after each phase, so that a run cut short keeps what it tuned
+        res["tuned_configs"] = kernels.tuned_configs()
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+
     for n in a.tokens:
         fn = bench.tree_forward(model, n, 1024, 500)
         seen = {(e["kernel"], tuple(e["key"])) for e in kernels.tuned_configs()}
@@ -187,16 +202,16 @@ def main(argv=None) -> None:
         seconds = lambda fn=fn: bench.graph_time(fn, calls=a.calls, replays=7)  # noqa: E731
         before = seconds()
         descend(keys, candidates_of, lambda k: kernel_of(k).cache[k[1]],
-                lambda k, c: kernel_of(k).cache.__setitem__(k[1], c), seconds, a.min_gain)  # fmt: skip
+                lambda k, c: kernel_of(k).cache.__setitem__(k[1], c), seconds, a.min_gain,
+            deadline=a.deadline)  # fmt: skip
         after = seconds()
         res["forward_seconds"][n] = {"autotuner": before, "tuned": after}
         print(f"{n} tokens: forward {before * 1e3:.4f} -> {after * 1e3:.4f} ms "
               f"({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
+        write()
     if a.tree is not None:
         res["round_seconds"] = tune_rounds(bench, model, a)
-    res["tuned_configs"] = kernels.tuned_configs()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+        write()
     print(f"wrote {a.out}")
 
 
