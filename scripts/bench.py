@@ -85,7 +85,10 @@ def apply_kernel_choice(*modules: torch.nn.Module):
 
 
 def random_model(name: str, dtype=torch.bfloat16) -> M.Transformer:
+    """Random weights of a real shape, the same in every process (seed 0): two runs that differ only in a kernel
+    option must then give the same outputs_sha1 where the option does not change the arithmetic."""
     args = M.ModelArgs.from_name(name)
+    torch.manual_seed(0)
     with torch.device("cuda"):
         model = M.Transformer(args).to(dtype)
     for p in model.parameters():
