@@ -343,11 +343,18 @@ def test_tune_kernels_descent_keeps_the_fastest_pick():
                                min_gain=0.01, log=lambda s: None)  # fmt: skip
     assert picks == {a: 2, b: 1, c: 1}  # b: 2 is not faster; c: 2 would be, but fails to run
     assert out[a] == (14.0, 12.0) and out[c] == (12.0, 12.0)  # c timed with a at its new pick
+    picks = {a: 1, b: 1, c: 1}  # --max-seconds: past the deadline, the shapes left keep their picks
+    out = tune_kernels.descend(list(picks), lambda k: list(cost[k]), picks.__getitem__, picks.__setitem__, seconds,
+                               min_gain=0.01, log=lambda s: None, deadline=0.0)  # fmt: skip
+    assert out == {} and picks == {a: 1, b: 1, c: 1}
     if tune_kernels.kernels.triton is not None:  # the candidates: the autotuner's list, fitted to the shape
         cands = tune_kernels.candidates_of(a)
         assert cands and all(c.kwargs["BLOCK_K"] <= 1024 and not c.kwargs["SPLIT"] > 1 for c in cands)
     a = tune_kernels.parse_args(["--out", "k.json", "--eagle-tree", "eagle2:K=8,D=6,N=40", "--feature-layers", ""])
     assert a.tokens == [1, 26, 40] and a.feature_layers == () and a.tree.N == 40 and a.draft_vocab == 16384
+    assert (
+        a.max_seconds is None and tune_kernels.parse_args(["--out", "k.json", "--max-seconds", "60"]).max_seconds == 60
+    )
     for argv in (["--tokens", "0"], ["--tokens", "65"], ["--eagle-tree", "no/such/tree.json"]):
         with pytest.raises(SystemExit):
             tune_kernels.parse_args(["--out", "k.json", *argv])

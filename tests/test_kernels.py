@@ -42,6 +42,23 @@ def test_kernel_sass_counts_instructions_without_a_gpu():
     assert bad.returncode != 0 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
+def test_weights_are_fetched_before_the_pdl_wait_and_nothing_else():
+    """kernels.PREFETCH, compiled for sm_90 on the CPU: the one-token matmul loads its first weights before the PDL
+    wait (ACQBULK in the SASS) and x only after it; the few-token one asks L2 for weight lines (CCTL.E.PF2) before the
+    wait and loads its tiles after it. Reading anything a previous kernel writes before the wait would be a race."""
+    script = Path(__file__).parent.parent / "scripts" / "kernel_sass.py"
+    for args, early in (([], "LDG"), (["--tokens", "26", "--block-n", "32", "--block-k", "256"], "CCTL.E.PF2")):
+        cmd = [sys.executable, str(script), "--quant", "bf16", "--pdl", "--dump", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        ops = [ln.split(";")[0].split("*/")[-1].strip() for ln in r.stdout.splitlines() if "/*" in ln and ";" in ln]
+        wait = next(i for i, op in enumerate(ops) if op.startswith("ACQBULK"))
+        before = [op for op in ops[:wait] if "LDG" in op or "CCTL" in op or "LDS" in op]
+        assert before and all(early in op for op in before), before  # only weight fetches come first
+        if early == "LDG":  # the one-token kernel: 8 x 16 bytes of weights a thread here, and x after the wait
+            assert len(before) == 8 and any("LDG" in op for op in ops[wait:])
+
+
 def test_autotuner_picks_persist_across_processes():
     """kernels.py asks Triton (>= 3.4) to keep the autotuner's picks on disk, which it stores as JSON of each config's
     fields and reads back as triton.Config(**fields): every config must survive that round trip."""
