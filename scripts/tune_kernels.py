@@ -16,8 +16,8 @@ their current picks.
 Token counts: 1 is plain decoding, 26 and 40 EAGLE's tree forwards (1-16, 17-32 and 33-64 tokens each have block
 shapes of their own; a shape that several token counts share is tuned at the first that uses it). With --eagle-tree
 the shapes of a whole EAGLE round (its tree forward and the draft head's matmuls) are tuned again, timed as rounds.
-The JSON holds every pick of the process (`kernels.tuned_configs`, the format of bench.py's JSON) and the times
-before and after.
+The JSON holds every pick of the process (`kernels.tuned_configs`, the format of bench.py's JSON), the picks each
+descent started from (`start_configs`) and the times before and after.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def tune_rounds(bench, model, a: argparse.Namespace) -> dict:
         return bench.cuda_time(rounds, iters=5) / a.calls
 
     print(f"EAGLE rounds ({a.eagle_tree}): {len(keys)} matmul shapes to tune", flush=True)
+    start = [e for e in kernels.tuned_configs() if (e["kernel"], tuple(e["key"])) in set(keys)]
     before = seconds()
     descend(keys, candidates_of, lambda k: kernel_of(k).cache[k[1]],
             lambda k, c: kernel_of(k).cache.__setitem__(k[1], c), seconds, a.min_gain,
@@ -122,7 +123,7 @@ def tune_rounds(bench, model, a: argparse.Namespace) -> dict:
     after = seconds()
     print(f"EAGLE round: {before * 1e3:.4f} -> {after * 1e3:.4f} ms", flush=True)
     return {"tree": a.eagle_tree, "draft_vocab": a.draft_vocab, "feature_layers": list(a.feature_layers),
-            "before": before, "tuned": after}  # fmt: skip
+            "before": before, "tuned": after, "start_configs": start}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -183,7 +184,7 @@ def main(argv=None) -> None:
     res: dict = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": kernels.triton.__version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "model": a.model,
-        "command": " ".join(sys.argv), "forward_seconds": {},
+        "command": " ".join(sys.argv), "forward_seconds": {}, "start_configs": [],
     }  # fmt: skip
     t0 = time.perf_counter()
     a.deadline = t0 + a.max_seconds if a.max_seconds else float("inf")
@@ -199,6 +200,8 @@ def main(argv=None) -> None:
         fn()  # compiles, and autotunes the shapes not seen yet
         keys = [k for k in ((e["kernel"], tuple(e["key"])) for e in kernels.tuned_configs()) if k not in seen]
         print(f"{n} tokens: {len(keys)} matmul shapes to tune", flush=True)
+        new = set(keys)  # the picks the descent starts from (the autotuner's, or --configs-in), for the record
+        res["start_configs"] += [e for e in kernels.tuned_configs() if (e["kernel"], tuple(e["key"])) in new]
         seconds = lambda fn=fn: bench.graph_time(fn, calls=a.calls, replays=7)  # noqa: E731
         before = seconds()
         descend(keys, candidates_of, lambda k: kernel_of(k).cache[k[1]],
