@@ -71,9 +71,8 @@ def sass_of(compiled) -> str:
         return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def inner_loop(compiled) -> list[str]:
-    """The instructions of the longest backward branch's body (the walk over K)."""
-    sass = sass_of(compiled)
+def instructions(sass: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """nvdisasm's listing as (address, instruction) in order, and each label's address."""
     code, labels, pending = [], {}, None
     for line in sass.splitlines():
         if m := re.match(r"\s*\.L_x_(\d+):", line):
@@ -83,6 +82,12 @@ def inner_loop(compiled) -> list[str]:
             code.append((addr, m.group(2)))
             if pending is not None:
                 labels[pending], pending = addr, None
+    return code, labels
+
+
+def inner_loop(compiled) -> list[str]:
+    """The instructions of the longest backward branch's body (the walk over K)."""
+    code, labels = instructions(sass_of(compiled))
     best: list[str] = []
     for addr, ins in code:
         m = re.search(r"BRA.*\.L_x_(\d+)", ins)

@@ -75,6 +75,12 @@ def descend(keys: list[Key], candidates: Callable[[Key], list], get: Callable[[K
     return out
 
 
+def configs_of(keys) -> list[dict]:
+    """The current picks (kernels.tuned_configs entries) of these keys."""
+    keys = set(keys)
+    return [e for e in kernels.tuned_configs() if (e["kernel"], tuple(e["key"])) in keys]
+
+
 def kernel_of(key: Key):
     return getattr(kernels, key[0])
 
@@ -115,7 +121,7 @@ def tune_rounds(bench, model, a: argparse.Namespace) -> dict:
         return bench.cuda_time(rounds, iters=5) / a.calls
 
     print(f"EAGLE rounds ({a.eagle_tree}): {len(keys)} matmul shapes to tune", flush=True)
-    start = [e for e in kernels.tuned_configs() if (e["kernel"], tuple(e["key"])) in set(keys)]
+    start = configs_of(keys)
     before = seconds()
     descend(keys, candidates_of, lambda k: kernel_of(k).cache[k[1]],
             lambda k, c: kernel_of(k).cache.__setitem__(k[1], c), seconds, a.min_gain,
@@ -200,8 +206,7 @@ def main(argv=None) -> None:
         fn()  # compiles, and autotunes the shapes not seen yet
         keys = [k for k in ((e["kernel"], tuple(e["key"])) for e in kernels.tuned_configs()) if k not in seen]
         print(f"{n} tokens: {len(keys)} matmul shapes to tune", flush=True)
-        new = set(keys)  # the picks the descent starts from (the autotuner's, or --configs-in), for the record
-        res["start_configs"] += [e for e in kernels.tuned_configs() if (e["kernel"], tuple(e["key"])) in new]
+        res["start_configs"] += configs_of(keys)  # the picks it starts from (the autotuner's, or --configs-in)
         seconds = lambda fn=fn: bench.graph_time(fn, calls=a.calls, replays=7)  # noqa: E731
         before = seconds()
         descend(keys, candidates_of, lambda k: kernel_of(k).cache[k[1]],

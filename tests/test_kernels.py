@@ -46,12 +46,15 @@ def test_weights_are_fetched_before_the_pdl_wait_and_nothing_else():
     """kernels.PREFETCH, compiled for sm_90 on the CPU: the one-token matmul loads its first weights before the PDL
     wait (ACQBULK in the SASS) and x only after it; the few-token one asks L2 for weight lines (CCTL.E.PF2) before the
     wait and loads its tiles after it. Reading anything a previous kernel writes before the wait would be a race."""
-    script = Path(__file__).parent.parent / "scripts" / "kernel_sass.py"
+    scripts = Path(__file__).parent.parent / "scripts"
+    sys.path.insert(0, str(scripts))
+    import kernel_sass  # noqa: PLC0415 - its SASS parser; the compile runs in a process of its own (no interpreter)
+
     for args, early in (([], "LDG"), (["--tokens", "26", "--block-n", "32", "--block-k", "256"], "CCTL.E.PF2")):
-        cmd = [sys.executable, str(script), "--quant", "bf16", "--pdl", "--dump", *args]
+        cmd = [sys.executable, str(scripts / "kernel_sass.py"), "--quant", "bf16", "--pdl", "--dump", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-        ops = [ln.split(";")[0].split("*/")[-1].strip() for ln in r.stdout.splitlines() if "/*" in ln and ";" in ln]
+        ops = [op for _, op in kernel_sass.instructions(r.stdout)[0]]
         wait = next(i for i, op in enumerate(ops) if op.startswith("ACQBULK"))
         before = [op for op in ops[:wait] if "LDG" in op or "CCTL" in op or "LDS" in op]
         assert before and all(early in op for op in before), before  # only weight fetches come first
