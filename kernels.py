@@ -85,6 +85,12 @@ PDL = False
 # one-token kernel its first chunk into registers, the few-token one its first lines into L2. bench.py --no-prefetch
 # turns it off for A/B runs.
 PREFETCH = True
+# The one-token matmul's loop over K, software-pipelined (`tl.range(num_stages=...)`: Triton pipelines loads that feed
+# tl.dot by itself, but others only in a loop that asks for it). Without it each program waits out a trip to memory
+# per chunk (sixteenth session, in the SASS: loads, barriers, arithmetic, then the next loads), and int8, whose
+# converted weights take twice bf16's registers a byte, fits fewer programs on an SM to cover that wait. bench.py
+# --no-gemv-pipeline turns it off for A/B runs.
+GEMV_PIPELINE = True
 
 
 def available(x: Tensor) -> bool:
@@ -121,12 +127,13 @@ if triton is not None:
     _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}  # no mask on K where BLOCK_K divides it
 
     _GEMV_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "W_STAGES": s}, num_warps=w, num_stages=s)
         for bn, bk, w, s in [
             (4, 512, 4, 2), (8, 256, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2), (16, 512, 8, 2),
             (32, 128, 4, 2), (8, 1024, 8, 2), (16, 128, 4, 3),
             (16, 1024, 8, 2), (32, 512, 8, 2), (8, 2048, 8, 2),  # int8: as many bytes per step as bf16's best
             (4, 1024, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1),  # small K (SmolLM2's 576) in one chunk
+            (16, 512, 8, 3), (16, 512, 4, 4), (8, 1024, 8, 3), (16, 1024, 8, 3), (32, 256, 4, 4),  # deeper pipelines
         ]
     ]  # fmt: skip
     _GEMM_CONFIGS = [
@@ -447,19 +454,29 @@ if triton is not None:
         BIAS: tl.constexpr,  # y += b
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the first chunk of weights before the PDL wait
+        PIPELINE: tl.constexpr,  # the loop over K software-pipelined by Triton (cp.async), W_STAGES deep
         X_ALIGNED: tl.constexpr,  # x (and g) start at a multiple of 8 bytes: int4 may read bf16 x as int64
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        W_STAGES: tl.constexpr,  # the config's num_stages
         EVEN_K: tl.constexpr,
     ):
         """Every program reads all of x anyway, so the norm costs it a sum of squares and a multiply by g per
-        chunk, and one scale at the end (the rsqrt is the same for every output row). With PREFETCH the first chunk of
-        weights is loaded before the PDL wait (no kernel writes weights), so that its trip to memory overlaps the end
-        of the kernel before; x, g and the residual are read after it."""
-        if not PREFETCH:
-            _pdl_start(PDL)
+        chunk, and one scale at the end (the rsqrt is the same for every output row). With PIPELINE (the default)
+        Triton software-pipelines the loop over K: each chunk of weights (and of x) is copied into shared memory
+        W_STAGES - 1 chunks ahead (cp.async), so that a program keeps its next chunks in flight while it sums the
+        current one, without holding them in registers; with PREFETCH the first weight lines are asked into L2 before
+        the PDL wait. Without PIPELINE each chunk is loaded into registers, then summed (the fifteenth session's
+        code), and PREFETCH loads chunk 0 before the wait. x, g and the residual are read after the wait: no kernel
+        writes weights, but the kernel before writes x."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
+        if PIPELINE:  # weights and x stream in through shared memory, W_STAGES - 1 chunks ahead (cp.async)
+            if PREFETCH:  # bits a weight: bf16 / fp16, int8, int4
+                _prefetch_l2(w_ptr, rn, N, 0, K, K, 16 // (1 << QUANT))
+            _pdl_start(PDL)
+        elif not PREFETCH:
+            _pdl_start(PDL)
         if QUANT == 2:  # 32-bit words of 8 weights, [BLOCK_N rows, NG groups, WG words]; K a multiple of GROUP
             NG: tl.constexpr = BLOCK_K // GROUP
             WG: tl.constexpr = GROUP // 8
@@ -467,29 +484,39 @@ if triton is not None:
             rw = tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :]
             acc = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
             ss = tl.zeros((NG, WG), dtype=tl.float32)
-            wt = _int4_words(w_ptr, rn, n_ok, rw, KW, EVEN_K)  # chunk 0
-            if PREFETCH:
-                _pdl_start(PDL)
-            acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, 0, K, KW, rw, GROUP, NORM, GATED,
-                                       X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
-            for k0 in range(BLOCK_K, K, BLOCK_K):
-                wt = _int4_words(w_ptr, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)
-                acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP, NORM,
+            if PIPELINE:
+                for k0 in tl.range(0, K, BLOCK_K, num_stages=W_STAGES):
+                    wt = _int4_words(w_ptr, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)
+                    acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP,
+                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
+            else:  # each chunk loaded into registers, then summed; with PREFETCH chunk 0 before the wait
+                wt = _int4_words(w_ptr, rn, n_ok, rw, KW, EVEN_K)
+                if PREFETCH:
+                    _pdl_start(PDL)
+                acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, 0, K, KW, rw, GROUP, NORM,
                                            GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
+                for k0 in range(BLOCK_K, K, BLOCK_K):
+                    wt = _int4_words(w_ptr, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)
+                    acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP,
+                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
             y = tl.sum(tl.sum(acc, axis=2), axis=1)
             sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
         else:
             rk = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            w = _rows_load(w_ptr, rn, n_ok, rk, K, EVEN_K)  # chunk 0, as stored
-            if PREFETCH:
-                _pdl_start(PDL)
-            acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, rk, K, QUANT, NORM, GATED, EVEN_K)
-            for k0 in range(BLOCK_K, K, BLOCK_K):
-                kk = k0 + rk
-                w = _rows_load(w_ptr, rn, n_ok, kk, K, EVEN_K)
-                acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, kk, K, QUANT, NORM, GATED, EVEN_K)
+            if PIPELINE:
+                for k0 in tl.range(0, K, BLOCK_K, num_stages=W_STAGES):
+                    w = _rows_load(w_ptr, rn, n_ok, k0 + rk, K, EVEN_K)
+                    acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, k0 + rk, K, QUANT, NORM, GATED, EVEN_K)
+            else:  # as for int4
+                w = _rows_load(w_ptr, rn, n_ok, rk, K, EVEN_K)
+                if PREFETCH:
+                    _pdl_start(PDL)
+                acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, rk, K, QUANT, NORM, GATED, EVEN_K)
+                for k0 in range(BLOCK_K, K, BLOCK_K):
+                    w = _rows_load(w_ptr, rn, n_ok, k0 + rk, K, EVEN_K)
+                    acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, k0 + rk, K, QUANT, NORM, GATED, EVEN_K)
             y = tl.sum(acc, axis=1)
             sum_sq = tl.sum(ss, axis=0)
         if QUANT == 1:
@@ -680,7 +707,7 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
         wv = w.view(torch.int32) if quant == INT4 else w  # int4: read as words of 8 (see _gemv_kernel)
         aligned = x.data_ptr() % 8 == 0 and g.data_ptr() % 8 == 0
         _gemv_kernel[grid](x, wv, s, y, g, r, b, n, k, eps, **flags, NORM=norm, GATED=gated, X_ALIGNED=aligned,
-                           launch_pdl=PDL)  # fmt: skip
+                           PIPELINE=GEMV_PIPELINE, launch_pdl=PDL)  # fmt: skip
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
         if split_allowed(n, k):  # the autotuner may pick a split config: room for its parts, and the counters

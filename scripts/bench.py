@@ -552,6 +552,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         True,
         "matmuls fetch their first weights before the PDL wait (kernels.PREFETCH);\n--no-prefetch for A/B runs",
     )
+    switch(
+        p,
+        "--gemv-pipeline",
+        True,
+        "the one-token matmul loads its next chunk of weights before summing the current one\n"
+        "(kernels.GEMV_PIPELINE); --no-gemv-pipeline for A/B runs",
+    )
     p.add_argument(
         "--attn-block-t",
         type=int,
@@ -651,6 +658,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
     if a.attn_block_t is not None:
         kernels.ATTN_BLOCK_T = a.attn_block_t
     kernels.PREFETCH = a.prefetch
+    kernels.GEMV_PIPELINE = a.gemv_pipeline
     if a.quant:
         mode, _, g = a.quant.partition(":")
         QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
@@ -663,7 +671,8 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         "python": platform.python_version(), "command": " ".join(sys.argv), "tuned": a.tuned,
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
         "gemm_min_block_m": kernels.GEMM_MIN_BLOCK_M, "attn_block_t": kernels.ATTN_BLOCK_T,
-        "prefetch": kernels.PREFETCH and pdl, "triton_topk": kernels.TRITON_TOPK,
+        "prefetch": kernels.PREFETCH and pdl, "gemv_pipeline": kernels.GEMV_PIPELINE,
+        "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
         "draft_quant": a.draft_quant,
     }  # fmt: skip

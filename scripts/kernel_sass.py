@@ -31,9 +31,10 @@ QUANTS = {"bf16": K.NONE, "int8": K.INT8, "int4": K.INT4}
 
 def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: int, stages: int, block_m: int,
                    swap: bool, group: int, arch: int, split: int = 1, masked: bool = False,
-                   words: bool = False, pdl: bool = False):  # fmt: skip
+                   words: bool = False, pdl: bool = False, pipeline: bool = True):  # fmt: skip
     """The one-token (_gemv_kernel) or few-token (_gemm_kernel) kernel compiled for sm_<arch>, bf16 activations, no
-    fusions; pdl: with the PDL wait and the weight prefetch before it (kernels.PREFETCH), as generate.py runs it."""
+    fusions; pdl: with the PDL wait and the weight prefetch before it (kernels.PREFETCH), as generate.py runs it;
+    pipeline: the one-token kernel loads its next chunk before summing the current one (kernels.GEMV_PIPELINE)."""
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.compiler import ASTSource  # noqa: PLC0415
@@ -43,7 +44,8 @@ def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: i
     fn = kern.fn.fn  # Autotuner -> Heuristics -> JITFunction
     w_type = {K.NONE: "*bf16", K.INT8: "*i8", K.INT4: "*i32" if tokens == 1 else "*u8"}[q]  # (words: cast inside)
     values = dict(QUANT=q, GROUP=group if q == K.INT4 else 0, NORM=False, RESIDUAL=False, GATED=False, BIAS=False,
-                  PDL=pdl, PREFETCH=pdl, X_ALIGNED=True, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                  PDL=pdl, PREFETCH=pdl, PIPELINE=pipeline, W_STAGES=stages, X_ALIGNED=True, SPLIT=split,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   SWAP=int(swap), EVEN_K=not masked, WORDS=int(words))  # fmt: skip
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
@@ -141,6 +143,7 @@ def main() -> None:
     p.add_argument("--words", action="store_true", help="few-token int4: read 32-bit words (8 dots a chunk)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--pdl", action="store_true", help="with the PDL wait and the weight prefetch before it")
+    p.add_argument("--no-pipeline", action="store_true", help="one-token kernel: no software pipelining of its loop")
     p.add_argument("--dump", action="store_true", help="print the whole SASS (where do the loads sit?)")
     p.add_argument("--all", action="store_true", help="only compile every config of both kernels (minutes)")
     a = p.parse_args()
@@ -151,7 +154,7 @@ def main() -> None:
     block_m = a.block_m or (16 if a.tokens <= 16 else 32 if a.tokens <= 32 else 64)
     try:
         compiled = compile_matmul(a.quant, a.tokens, a.block_n, a.block_k, a.warps, a.stages, block_m, a.swap,
-                                  a.group, a.arch, a.split, a.masked, a.words, a.pdl)  # fmt: skip
+                                  a.group, a.arch, a.split, a.masked, a.words, a.pdl, not a.no_pipeline)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a config that does not compile is an answer, not a crash
         sys.exit(f"error: does not compile: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
     if a.dump:

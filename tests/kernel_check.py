@@ -2,6 +2,7 @@
 interpreter must be chosen before triton is imported). Every block-shape config of both kernels, every weight
 format, token counts 1..64, and the quantized modules' "triton" path against their dequantized reference."""
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -91,13 +92,14 @@ def check_all_configs():
                     assert len(pruned) == 1 and (quant != K.INT4 or pruned[0].kwargs["BLOCK_K"] % g == 0)
                     kern.configs, kern.cache = pruned, {}
                     w, s, ref_w = weights(quant, n, k, g)
-                    for m in ms:
+                    for m, pipeline in itertools.product(ms, (True, False) if kern is K._gemv_kernel else (True,)):
+                        K.GEMV_PIPELINE = pipeline
                         x = torch.randn(m, k)
                         y = K.wmm(x, w, s, quant, g)
                         err = rel_err(y, x @ ref_w.T)
-                        assert y.shape == (m, n) and err < 1e-5, (cfg, quant, k, m, err)
+                        assert y.shape == (m, n) and err < 1e-5, (cfg, quant, k, m, pipeline, err)
         finally:
-            kern.configs, kern.cache = configs, {}
+            kern.configs, kern.cache, K.GEMV_PIPELINE = configs, {}, True
     assert not K._COUNTERS[torch.device("cpu")].any()  # every split config left its counters at zero
     print("configs ok")
 

@@ -43,23 +43,44 @@ def test_kernel_sass_counts_instructions_without_a_gpu():
 
 
 def test_weights_are_fetched_before_the_pdl_wait_and_nothing_else():
-    """kernels.PREFETCH, compiled for sm_90 on the CPU: the one-token matmul loads its first weights before the PDL
-    wait (ACQBULK in the SASS) and x only after it; the few-token one asks L2 for weight lines (CCTL.E.PF2) before the
-    wait and loads its tiles after it. Reading anything a previous kernel writes before the wait would be a race."""
+    """kernels.PREFETCH, compiled for sm_90 on the CPU: the matmuls ask L2 for weight lines (CCTL.E.PF2) before the
+    PDL wait (ACQBULK in the SASS) and load their tiles and x only after it; the one-token kernel without its
+    pipelined loop (--no-pipeline) loads its first weights into registers there instead. Reading anything a previous
+    kernel writes before the wait would be a race."""
     scripts = Path(__file__).parent.parent / "scripts"
     sys.path.insert(0, str(scripts))
     import kernel_sass  # noqa: PLC0415 - its SASS parser; the compile runs in a process of its own (no interpreter)
 
-    for args, early in (([], "LDG"), (["--tokens", "26", "--block-n", "32", "--block-k", "256"], "CCTL.E.PF2")):
+    cases = (
+        ([], "CCTL.E.PF2"),
+        (["--no-pipeline"], "LDG"),
+        (["--tokens", "26", "--block-n", "32", "--block-k", "256"], "CCTL.E.PF2"),
+    )
+    for args, early in cases:
         cmd = [sys.executable, str(scripts / "kernel_sass.py"), "--quant", "bf16", "--pdl", "--dump", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         ops = [op for _, op in kernel_sass.instructions(r.stdout)[0]]
         wait = next(i for i, op in enumerate(ops) if op.startswith("ACQBULK"))
         before = [op for op in ops[:wait] if "LDG" in op or "CCTL" in op or "LDS" in op]
-        assert before and all(early in op for op in before), before  # only weight fetches come first
-        if early == "LDG":  # the one-token kernel: 8 x 16 bytes of weights a thread here, and x after the wait
-            assert len(before) == 8 and any("LDG" in op for op in ops[wait:])
+        assert before and all(early in op for op in before), (args, before)  # only weight fetches come first
+
+
+def test_one_token_loop_streams_its_chunks_through_shared_memory():
+    """kernels.GEMV_PIPELINE: the one-token matmul's loop over K copies its next chunks into shared memory with
+    cp.async (LDGSTS) and reads the current one from there; without it, each chunk is loaded into registers (LDG) and
+    summed before the next is asked for (sixteenth session: int8 read its weights at 61% of the copy bandwidth)."""
+    scripts = Path(__file__).parent.parent / "scripts"
+    sys.path.insert(0, str(scripts))
+    import kernel_sass  # noqa: PLC0415
+
+    for quant in ("bf16", "int8", "int4"):
+        ops = {}
+        for pipeline in (True, False):
+            c = kernel_sass.compile_matmul(quant, 1, 16, 512, 8, 3, 16, False, 64, 90, pdl=True, pipeline=pipeline)
+            ops[pipeline] = " ".join(kernel_sass.inner_loop(c))
+        assert "LDGSTS" in ops[True] and "LDS" in ops[True], quant
+        assert "LDGSTS" not in ops[False] and "LDG.E" in ops[False], quant
 
 
 def test_autotuner_picks_persist_across_processes():

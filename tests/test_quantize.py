@@ -272,6 +272,42 @@ def test_triton_matmuls_cuda(quant):
         assert rel_err(y.float().cpu(), x @ ref_w.T) < 2e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_one_token_config_cuda():
+    """Every block shape of the one-token matmul compiled for the GPU, its loop over K software-pipelined
+    (kernels.GEMV_PIPELINE, cp.async: code the interpreter does not run) and not, over several chunks, the last one
+    masked or not, for bf16, int8 and int4 weights, against the dequantized reference."""
+    torch.manual_seed(9)
+    kern, configs, pipeline = kernels._gemv_kernel, kernels._gemv_kernel.configs, kernels.GEMV_PIPELINE
+    try:
+        for cfg in configs:
+            bk = cfg.kwargs["BLOCK_K"]
+            for quant, k in ((kernels.NONE, 3 * bk), (kernels.INT8, 3 * bk + 16), (kernels.INT4, 2 * bk + 64)):
+                n, g = 40, 64
+                w = torch.randn(n, k) / k**0.5
+                if quant == kernels.NONE:
+                    args, ref_w = (w.to("cuda", torch.bfloat16), None, quant, 0), w.bfloat16().float()
+                elif quant == kernels.INT8:
+                    q, sc = Q.quantize_int8(w)
+                    args, ref_w = (q.cuda(), sc.to("cuda", torch.bfloat16), quant, 0), Q.dequantize_int8(q, sc)
+                else:
+                    q, sz = Q.quantize_int4(w, g)
+                    packed = Q.pack_int4(q)
+                    args, ref_w = (
+                        (packed.cuda(), kernels.int4_layout(sz).cuda(), quant, g),
+                        Q.dequantize_int4(packed, sz, g),
+                    )
+                pruned = kernels._prune([cfg], {"K": k, "N": n}, QUANT=quant, GROUP=g if quant == kernels.INT4 else 0)
+                x = torch.randn(1, k)
+                for on in (True, False):
+                    kern.configs, kern.cache, kernels.GEMV_PIPELINE = pruned, {}, on
+                    y = kernels.wmm(x.to("cuda", torch.bfloat16), *args)
+                    err = rel_err(y.float().cpu(), x.bfloat16().float() @ ref_w.T)
+                    assert err < 2e-2, (cfg, quant, k, on, err)
+    finally:
+        kern.configs, kern.cache, kernels.GEMV_PIPELINE = configs, {}, pipeline
+
+
 @pytest.mark.parametrize(
     "quant",
     [
