@@ -89,7 +89,8 @@ PREFETCH = True
 # tl.dot by itself, but others only in a loop that asks for it). Without it each program waits out a trip to memory
 # per chunk (sixteenth session, in the SASS: loads, barriers, arithmetic, then the next loads), and int8, whose
 # converted weights take twice bf16's registers a byte, fits fewer programs on an SM to cover that wait. bench.py
-# --no-gemv-pipeline turns it off for A/B runs.
+# --no-gemv-pipeline turns it off for A/B runs. Configs of one stage keep the plain loop either way, so the autotuner
+# chooses per shape.
 GEMV_PIPELINE = True
 
 
@@ -133,6 +134,7 @@ if triton is not None:
             (32, 128, 4, 2), (8, 1024, 8, 2), (16, 128, 4, 3),
             (16, 1024, 8, 2), (32, 512, 8, 2), (8, 2048, 8, 2),  # int8: as many bytes per step as bf16's best
             (4, 1024, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1),  # small K (SmolLM2's 576) in one chunk
+            (16, 512, 8, 1), (8, 512, 4, 1),  # one stage: the plain loop (see _gemv_kernel)
             (16, 512, 8, 3), (16, 512, 4, 4), (8, 1024, 8, 3), (16, 1024, 8, 3), (32, 256, 4, 4),  # deeper pipelines
         ]
     ]  # fmt: skip
@@ -463,15 +465,18 @@ if triton is not None:
     ):
         """Every program reads all of x anyway, so the norm costs it a sum of squares and a multiply by g per
         chunk, and one scale at the end (the rsqrt is the same for every output row). With PIPELINE (the default)
-        Triton software-pipelines the loop over K: each chunk of weights (and of x) is copied into shared memory
+        and a config of 2+ stages, Triton software-pipelines the loop over K: each chunk of weights (and of x) is copied into shared memory
         W_STAGES - 1 chunks ahead (cp.async), so that a program keeps its next chunks in flight while it sums the
         current one, without holding them in registers; with PREFETCH the first weight lines are asked into L2 before
-        the PDL wait. Without PIPELINE each chunk is loaded into registers, then summed (the fifteenth session's
-        code), and PREFETCH loads chunk 0 before the wait. x, g and the residual are read after the wait: no kernel
+        the PDL wait. Otherwise (one-stage configs, or PIPELINE off) each chunk is loaded into registers, then summed
+        (the fifteenth session's code), and PREFETCH loads chunk 0 before the wait. The autotuner so picks, for each
+        shape, between the two (sixteenth session, 7B shape: pipelined picks for int8, +2%; bf16 lost 5.6% where its
+        one-stage picks swapped the register load of chunk 0 for an L2 prefetch, hence the plain loop for them). x, g and the residual are read after the wait: no kernel
         writes weights, but the kernel before writes x."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        if PIPELINE:  # weights and x stream in through shared memory, W_STAGES - 1 chunks ahead (cp.async)
+        PIPE: tl.constexpr = PIPELINE and W_STAGES > 1  # a one-stage config runs the plain loop
+        if PIPE:  # weights and x stream in through shared memory, W_STAGES - 1 chunks ahead (cp.async)
             if PREFETCH:  # bits a weight: bf16 / fp16, int8, int4
                 _prefetch_l2(w_ptr, rn, N, 0, K, K, 16 // (1 << QUANT))
             _pdl_start(PDL)
@@ -484,7 +489,7 @@ if triton is not None:
             rw = tl.arange(0, NG)[:, None] * WG + tl.arange(0, WG)[None, :]
             acc = tl.zeros((BLOCK_N, NG, WG), dtype=tl.float32)
             ss = tl.zeros((NG, WG), dtype=tl.float32)
-            if PIPELINE:
+            if PIPE:
                 for k0 in tl.range(0, K, BLOCK_K, num_stages=W_STAGES):
                     wt = _int4_words(w_ptr, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)
                     acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP,
@@ -505,7 +510,7 @@ if triton is not None:
             rk = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            if PIPELINE:
+            if PIPE:
                 for k0 in tl.range(0, K, BLOCK_K, num_stages=W_STAGES):
                     w = _rows_load(w_ptr, rn, n_ok, k0 + rk, K, EVEN_K)
                     acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, k0 + rk, K, QUANT, NORM, GATED, EVEN_K)
