@@ -137,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-shape", "7b"],
                    help="smollm2: checkpoints/SmolLM2-135M-Instruct (scripts/prepare_smollm2.sh); smollm2-shape and\n"
                    "7b: random weights of those shapes")  # fmt: skip
+    p.add_argument("--quant", default=None, help="7b only: int8 or int4[:G] weights, quantized in memory (as bench.py\n"
+                   "--quant): the picks of the quantized matmuls")  # fmt: skip
     p.add_argument("--tokens", default="1,26,40", help="forward sizes to tune at (default 1,26,40)")
     p.add_argument("--calls", type=int, default=10, help="forwards in each timed CUDA graph (default 10)")
     p.add_argument("--min-gain", type=float, default=0.003, help="a new pick must be this much faster (default 0.3%%)")
@@ -162,6 +164,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tokens: comma-separated integers, got {a.tokens!r}")
     if not a.tokens or min(a.tokens) < 1 or max(a.tokens) > kernels.MAX_M:
         p.error(f"--tokens: each between 1 and {kernels.MAX_M}")
+    if a.quant:
+        mode, _, g = a.quant.partition(":")
+        if a.model != "7b" or mode not in ("int8", "int4") or g and (mode != "int4" or not g.isdigit()):
+            p.error(f"--quant: int8 or int4[:G], with --model 7b; got {a.quant!r} with {a.model}")
+        a.quant = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
     try:
         a.feature_layers = tuple(sorted({int(t) for t in a.feature_layers.split(",") if t.strip()}))
         a.tree = T.make_tree(a.eagle_tree) if a.eagle_tree else None
@@ -185,11 +192,12 @@ def main(argv=None) -> None:
             bench.G.pin_kernel_configs(a.configs_in)
         except bench.G.UserError as e:
             sys.exit(f"error: {e}")
+    bench.QUANT = a.quant
     model, _ = bench.load(a.model)
     model.setup_caches(1, 1024)
     res: dict = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": kernels.triton.__version__,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "model": a.model,
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "model": a.model, "quant": a.quant,
         "command": " ".join(sys.argv), "forward_seconds": {}, "start_configs": [],
     }  # fmt: skip
     t0 = time.perf_counter()
