@@ -355,6 +355,10 @@ def test_tune_kernels_descent_keeps_the_fastest_pick():
     assert (
         a.max_seconds is None and tune_kernels.parse_args(["--out", "k.json", "--max-seconds", "60"]).max_seconds == 60
     )
-    for argv in (["--tokens", "0"], ["--tokens", "65"], ["--eagle-tree", "no/such/tree.json"]):
+    quant = lambda q: tune_kernels.parse_args(["--out", "k.json", "--model", "7b", "--quant", q]).quant  # noqa: E731
+    assert quant("int4:128") == {"mode": "int4", "groupsize": 128} and quant("int8") == {"mode": "int8"}
+    bad = (["--tokens", "0"], ["--tokens", "65"], ["--eagle-tree", "no/such/tree.json"], ["--quant", "int8"],
+           ["--model", "7b", "--quant", "int3"], ["--model", "7b", "--quant", "int8:64"])  # fmt: skip
+    for argv in bad:
         with pytest.raises(SystemExit):
             tune_kernels.parse_args(["--out", "k.json", *argv])
