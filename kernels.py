@@ -465,14 +465,14 @@ if triton is not None:
     ):
         """Every program reads all of x anyway, so the norm costs it a sum of squares and a multiply by g per
         chunk, and one scale at the end (the rsqrt is the same for every output row). With PIPELINE (the default)
-        and a config of 2+ stages, Triton software-pipelines the loop over K: each chunk of weights (and of x) is copied into shared memory
-        W_STAGES - 1 chunks ahead (cp.async), so that a program keeps its next chunks in flight while it sums the
-        current one, without holding them in registers; with PREFETCH the first weight lines are asked into L2 before
-        the PDL wait. Otherwise (one-stage configs, or PIPELINE off) each chunk is loaded into registers, then summed
-        (the fifteenth session's code), and PREFETCH loads chunk 0 before the wait. The autotuner so picks, for each
-        shape, between the two (sixteenth session, 7B shape: pipelined picks for int8, +2%; bf16 lost 5.6% where its
-        one-stage picks swapped the register load of chunk 0 for an L2 prefetch, hence the plain loop for them). x, g and the residual are read after the wait: no kernel
-        writes weights, but the kernel before writes x."""
+        and a config of 2+ stages, Triton software-pipelines the loop over K: each chunk of weights (and of x) is
+        copied into shared memory W_STAGES - 1 chunks ahead (cp.async), so that a program keeps its next chunks in
+        flight while it sums the current one, without holding them in registers; with PREFETCH the first weight lines
+        are asked into L2 before the PDL wait. Otherwise (one-stage configs, or PIPELINE off) each chunk is loaded
+        into registers, then summed (the fifteenth session's code), and PREFETCH loads chunk 0 before the wait. So the
+        autotuner picks between the two for each shape (7B shape, same picks: int8 +1.8% pipelined; bf16 lost 5.6%
+        where its one-stage picks got the L2 prefetch in place of chunk 0 in registers, hence the plain loop there).
+        x, g and the residual are read after the wait: no kernel writes weights, but the kernel before writes x."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         PIPE: tl.constexpr = PIPELINE and W_STAGES > 1  # a one-stage config runs the plain loop
