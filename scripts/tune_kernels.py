@@ -138,7 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="smollm2: checkpoints/SmolLM2-135M-Instruct (scripts/prepare_smollm2.sh); smollm2-shape and\n"
                    "7b: random weights of those shapes")  # fmt: skip
     p.add_argument("--quant", default=None, help="7b only: int8 or int4[:G] weights, quantized in memory (as bench.py\n"
-                   "--quant): the picks of the quantized matmuls")  # fmt: skip
+                   "--quant): the picks of the quantized matmuls; int4 on kernels.py, as bench.py --kernel triton\n"
+                   "(tinygemm, the default int4 kernel, has no picks)")  # fmt: skip
     p.add_argument("--tokens", default="1,26,40", help="forward sizes to tune at (default 1,26,40)")
     p.add_argument("--calls", type=int, default=10, help="forwards in each timed CUDA graph (default 10)")
     p.add_argument("--min-gain", type=float, default=0.003, help="a new pick must be this much faster (default 0.3%%)")
@@ -184,7 +185,8 @@ def main(argv=None) -> None:
         sys.exit("error: tune_kernels.py needs a CUDA GPU and the triton package")
     import bench  # noqa: PLC0415 - its loaders and timers (and generate.py), as bench.py runs them by default
 
-    bench.G.set_kernels("auto")
+    bench.KERNEL = "triton" if a.quant and a.quant["mode"] == "int4" else "auto"  # int4: tinygemm has no picks
+    bench.G.set_kernels(bench.KERNEL)
     kernels.set_pdl(True)
     bench.G.set_inductor_flags()
     if a.configs_in:
@@ -198,7 +200,7 @@ def main(argv=None) -> None:
     res: dict = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": kernels.triton.__version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "model": a.model, "quant": a.quant,
-        "command": " ".join(sys.argv), "forward_seconds": {}, "start_configs": [],
+        "kernel": bench.KERNEL, "command": " ".join(sys.argv), "forward_seconds": {}, "start_configs": [],
     }  # fmt: skip
     t0 = time.perf_counter()
     a.deadline = t0 + a.max_seconds if a.max_seconds else float("inf")
