@@ -95,6 +95,22 @@ def check_quant(quant: dict) -> tuple[str, int | None]:
     return mode, g
 
 
+def parse_spec(spec: str) -> dict:
+    """A quantization dict from a command-line spec: "int8", or "int4" / "int4:G" (group size G, default
+    DEFAULT_GROUPSIZE). CheckpointError where it names no supported mode or group size."""
+    mode, colon, g = spec.partition(":")
+    if mode == "int4":
+        if colon and not g.isdigit():
+            raise CheckpointError(f"bad quantization {spec!r}: int8, or int4[:G] with G one of {GROUPSIZES}")
+        quant = {"mode": mode, "groupsize": int(g) if colon else DEFAULT_GROUPSIZE}
+    else:
+        quant = {"mode": mode}
+        if colon:
+            raise CheckpointError(f"bad quantization {spec!r}: only int4 takes a group size")
+    check_quant(quant)
+    return quant
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Quantization math (float32 in, plain tensors out). Device independent.
 

@@ -625,6 +625,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="as generate.py --compile-prefill (dynamic-shape compile instead of a CUDA graph per prompt bucket)",
     )
     a = p.parse_args(argv)
+    if a.quant:
+        import quantize  # noqa: PLC0415
+
+        try:
+            a.quant_spec, a.quant = a.quant, quantize.parse_spec(a.quant)  # the spec names the result keys
+        except quantize.CheckpointError as e:
+            p.error(f"--quant: {e}")
     if a.eagle == "":  # bare --eagle: round costs with a random head
         a.rounds, a.eagle = True, None
     elif a.eagle is not None:
@@ -659,9 +666,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         kernels.ATTN_BLOCK_T = a.attn_block_t
     kernels.PREFETCH = a.prefetch
     kernels.GEMV_PIPELINE = a.gemv_pipeline
-    if a.quant:
-        mode, _, g = a.quant.partition(":")
-        QUANT = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
+    QUANT = a.quant
     if not torch.cuda.is_available():
         sys.exit("error: bench.py needs a CUDA GPU")
     G.set_inductor_flags(a.tuned)
@@ -685,7 +690,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
             r = bench_plain(name, a.prompts if name.startswith("smollm2") else 5, max_new)
             r["fraction_of_copy_bw"] = r["weight_gb_per_s"] / res["copy_gb_per_s"]
             pre = ("_compiledprefill" if a.compile_prefill else "") + ("" if a.fused else "_unfused")
-            res[f"plain_{name}{'_' + a.quant if a.quant and name == '7b' else ''}_{a.kernel}{pre}"] = r
+            res[f"plain_{name}{'_' + a.quant_spec if a.quant and name == '7b' else ''}_{a.kernel}{pre}"] = r
             print(json.dumps(r), flush=True)
         if a.rounds:
             for spec in a.tree or ["default"]:

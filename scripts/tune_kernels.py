@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+import quantize  # noqa: E402
 import tree as T  # noqa: E402
 
 Key = tuple[str, tuple]  # (kernel name, the autotuner's key)
@@ -166,10 +167,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not a.tokens or min(a.tokens) < 1 or max(a.tokens) > kernels.MAX_M:
         p.error(f"--tokens: each between 1 and {kernels.MAX_M}")
     if a.quant:
-        mode, _, g = a.quant.partition(":")
-        if a.model != "7b" or mode not in ("int8", "int4") or g and (mode != "int4" or not g.isdigit()):
-            p.error(f"--quant: int8 or int4[:G], with --model 7b; got {a.quant!r} with {a.model}")
-        a.quant = {"mode": mode, "groupsize": int(g or 64)} if mode == "int4" else {"mode": mode}
+        if a.model != "7b":
+            p.error(f"--quant: with --model 7b only, got {a.model}")
+        try:
+            a.quant = quantize.parse_spec(a.quant)
+        except quantize.CheckpointError as e:
+            p.error(f"--quant: {e}")
     try:
         a.feature_layers = tuple(sorted({int(t) for t in a.feature_layers.split(",") if t.strip()}))
         a.tree = T.make_tree(a.eagle_tree) if a.eagle_tree else None

@@ -280,7 +280,12 @@ def test_bench_eagle_flag(monkeypatch):
     assert a.mt_bench and a.eagle == "some/head" and a.compare_head == [bench.HEAD, bench.HEAD]
     assert bench.parse_args(["--mt-bench"]).compare_head == []
     assert bench.parse_args(["--eagle", "--kernel-configs", "k.json"]).configs_in == "k.json"  # generate.py's name
-    for argv in (["--compare-head", bench.HEAD], ["--mt-bench", "--compare-head", "no/head"]):
+    a = bench.parse_args(["--plain", "--quant", "int4:128"])  # quantize.parse_spec, shared with tune_kernels.py
+    assert a.quant == {"mode": "int4", "groupsize": 128} and a.quant_spec == "int4:128"
+    assert bench.parse_args(["--plain", "--quant", "int4"]).quant == {"mode": "int4", "groupsize": 64}
+    bad = (["--compare-head", bench.HEAD], ["--mt-bench", "--compare-head", "no/head"], ["--quant", "int4:70"],
+           ["--quant", "int8:64"], ["--quant", "fp8"])  # fmt: skip
+    for argv in bad:
         with pytest.raises(SystemExit) as e:
             bench.parse_args(argv)
         assert e.value.code == 2
