@@ -199,13 +199,66 @@ def kernel_table(fn, tag: str, steps):
     gpu_busy = sum(e.device_time for e in kernels) / 1e6  # seconds
     head = (f"{tag}: {len(kernels)} kernels in {n} steps/rounds ({len(kernels) / n:.1f} per step/round), "
             f"GPU busy {gpu_busy * 1e3 / n:.3f} ms per step/round (profiler on)")  # fmt: skip
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    table = timeline_table([(e.name, e.time_range.start, e.time_range.end) for e in kernels])
+    table += prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
     table += prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=90)
     path = profile_path(tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head + "\n" + table)
     print(head, flush=True)
     return r
+
+
+def timeline_table(kernels: list[tuple[str, float, float]], idle_us: float = 20.0) -> str:
+    """Where a step's GPU time goes, kernel by kernel, from (name, start µs, end µs) of every kernel run.
+
+    Steps (or rounds) are the runs of kernels between idle gaps of over idle_us (the host's sync). Steps with the most
+    common kernel count are lined up by position; each position gets its median duration and the median gap since
+    the previous kernel ended (negative: it started before, as programmatic dependent launch allows). A position's
+    duration then includes any wait for its predecessor. Where the step repeats a block of kernels (the layers), the
+    block is folded: each slot's median over the blocks, then the positions outside the blocks."""
+    ks = sorted(kernels, key=lambda k: k[1])
+    if len(ks) < 2:
+        return "timeline: too few kernels\n"
+    steps, cur = [], [ks[0]]
+    for a, b in zip(ks, ks[1:], strict=False):
+        if b[1] - a[2] > idle_us:
+            steps.append(cur)
+            cur = []
+        cur.append(b)
+    steps.append(cur)
+    length = statistics.mode(len(s) for s in steps)
+    same = [s for s in steps if len(s) == length]
+    names = [k[0] for k in same[0]]
+    dur = [statistics.median(s[i][2] - s[i][1] for s in same) for i in range(length)]
+    gap = [0.0] + [statistics.median(s[i][1] - s[i - 1][2] for s in same) for i in range(1, length)]
+    span = statistics.median(s[-1][2] - s[0][1] for s in same)
+    # the layer block: the shortest period p that most positions repeat at, searched over blocks of 3-40 kernels
+    period, first, count = 0, 0, 0
+    for p in range(3, min(41, length // 3 + 1)):
+        runs = [i for i in range(length - p) if names[i] == names[i + p]]
+        if len(runs) >= length - 3 * p and len(runs) > count * 1.05:
+            period, count = p, len(runs)
+    lines = [f"timeline: {len(same)} of {len(steps)} steps/rounds with {length} kernels; median span "
+             f"{span:.1f} us, kernels {sum(dur):.1f} us, gaps {sum(gap):.1f} us"]  # fmt: skip
+    short = [re.sub(r"^(triton_\w{3}_fused_)", "", n)[:70] for n in names]
+    if period:
+        first = next(i for i in range(length - period) if names[i : i + period] == names[i + period : i + 2 * period])
+        blocks = 1
+        while names[first + blocks * period : first + (blocks + 1) * period] == names[first : first + period]:
+            blocks += 1
+        lines.append(f"block of {period} kernels x {blocks}, from position {first}: per slot, median over blocks")
+        lines.append(f"{'slot':>4}  {'us':>7}  {'gap us':>7}  {'x blocks us':>11}  kernel")
+        for j in range(period):
+            d = statistics.median(dur[first + b * period + j] for b in range(blocks))
+            g = statistics.median(gap[first + b * period + j] for b in range(blocks))
+            lines.append(f"{j:>4}  {d:>7.2f}  {g:>7.2f}  {(d + g) * blocks:>11.1f}  {short[first + j]}")
+        outside = [i for i in range(length) if not first <= i < first + blocks * period]
+    else:
+        outside = list(range(length))
+    lines.append(f"{'pos':>4}  {'us':>7}  {'gap us':>7}  kernel" + ("  (outside the blocks)" if period else ""))
+    lines += [f"{i:>4}  {dur[i]:>7.2f}  {gap[i]:>7.2f}  {short[i]}" for i in outside]
+    return "\n".join(lines) + "\n"
 
 
 def cuda_time(fn, iters: int = 50) -> float:
