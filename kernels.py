@@ -92,6 +92,9 @@ PREFETCH = True
 # --no-gemv-pipeline turns it off for A/B runs. Configs of one stage keep the plain loop either way, so the autotuner
 # chooses per shape.
 GEMV_PIPELINE = True
+# The one-token int4 matmul turns nibbles into floats by byte permutes (`_nibbles`, 12 instructions for 8 weights)
+# rather than a shift and an and-or each (`_mant`, 16). bench.py --no-int4-nibbles for A/B runs.
+INT4_NIBBLES = True
 
 
 def available(x: Tensor) -> bool:
@@ -121,12 +124,17 @@ if triton is not None:
                 continue
             if c.kwargs.get("WORDS") and (kwargs.get("QUANT") != INT4 or bk < 128):  # int4, dots of >= 16 words
                 continue
+            gemv = (bn, c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) if "W_STAGES" in c.kwargs else None
+            if gemv in _GEMV_INT4_ONLY and kwargs.get("QUANT") != INT4:
+                continue
             cfg = triton.Config({**c.kwargs, "BLOCK_K": bk}, num_warps=c.num_warps, num_stages=c.num_stages)
             fitted.setdefault((bn, bk, c.kwargs.get("SWAP"), split, c.num_warps, c.num_stages), cfg)
         return list(fitted.values())
 
     _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}  # no mask on K where BLOCK_K divides it
 
+    # int4 only: a thread gets several rows (each x converted serves them all) and 64 bytes of weights a chunk
+    _GEMV_INT4_ONLY = ((16, 1024, 4, 1), (8, 2048, 4, 1), (4, 4096, 4, 1), (8, 2048, 4, 2), (16, 2048, 8, 1))
     _GEMV_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "W_STAGES": s}, num_warps=w, num_stages=s)
         for bn, bk, w, s in [
@@ -136,6 +144,7 @@ if triton is not None:
             (4, 1024, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1),  # small K (SmolLM2's 576) in one chunk
             (16, 512, 8, 1), (8, 512, 4, 1),  # one stage: the plain loop (see _gemv_kernel)
             (16, 512, 8, 3), (16, 512, 4, 4), (8, 1024, 8, 3), (16, 1024, 8, 3), (32, 256, 4, 4),  # deeper pipelines
+            *_GEMV_INT4_ONLY,
         ]
     ]  # fmt: skip
     _GEMM_CONFIGS = [
@@ -185,6 +194,32 @@ if triton is not None:
                 pack=1,
             )
         return f
+
+    @triton.jit
+    def _nibbles(w):
+        """The 8 nibbles of int32 words w as 8 float32 tensors 1 + q / 16 (as _mant's), in weight order (nibble j is
+        weight 8 w + j: byte j // 2, high nibble first). Two shifts and two and-ors put each byte's high and low
+        nibble into bits 3-6 of a byte with its top bit set, in two words; one byte permute (`prmt`) per nibble then
+        makes the float (1.0's exponent byte, that byte under it): 12 instructions for 8 weights, where a shift and an
+        and-or each (`_mant`) take 16. (One permute per nibble from the two words in separate assembly blocks, to keep
+        fewer floats live, took more: moves of the constant.)"""
+        if _NO_PTX:
+            fs = tuple(((w >> (8 * (j // 2) + 4 * (1 - j % 2))) & 15).to(tl.float32) / 16.0 + 1.0 for j in range(8))
+        else:
+            fs = tl.inline_asm_elementwise(
+                asm="{ .reg .b32 h, l; shr.b32 h, $8, 1; lop3.b32 h, h, 0x78787878, 0x80808080, 0xEA; "
+                "shl.b32 l, $8, 3; lop3.b32 l, l, 0x78787878, 0x80808080, 0xEA; "
+                "prmt.b32 $0, h, 0x3F000000, 0x7044; prmt.b32 $1, l, 0x3F000000, 0x7044; "
+                "prmt.b32 $2, h, 0x3F000000, 0x7144; prmt.b32 $3, l, 0x3F000000, 0x7144; "
+                "prmt.b32 $4, h, 0x3F000000, 0x7244; prmt.b32 $5, l, 0x3F000000, 0x7244; "
+                "prmt.b32 $6, h, 0x3F000000, 0x7344; prmt.b32 $7, l, 0x3F000000, 0x7344; }",
+                constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
+                args=[w],
+                dtype=(tl.float32,) * 8,
+                is_pure=True,
+                pack=1,
+            )
+        return fs
 
     @triton.jit
     def _int8_float(w):
@@ -395,7 +430,7 @@ if triton is not None:
     @triton.jit
     def _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP: tl.constexpr,
                          NORM: tl.constexpr, GATED: tl.constexpr, X_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr):  # fmt: skip
+                         EVEN_K: tl.constexpr, NIBBLES: tl.constexpr):  # fmt: skip
         """_gemv_kernel (int4), one chunk from column k0: words wt [BLOCK_N, NG, WG]. Returns the updated (acc, ss)."""
         NG: tl.constexpr = BLOCK_K // GROUP
         WG: tl.constexpr = GROUP // 8
@@ -405,6 +440,8 @@ if triton is not None:
         kok = kw < KW  # (the last chunk may hold groups past K: weights, scales and x read as 0 there)
         a = tl.zeros((wt.shape[0], NG, WG), dtype=tl.float32)  # sum of (1 + q / 16) x over each word
         xs = tl.zeros((NG, WG), dtype=tl.float32)  # sum of x over each word
+        if NIBBLES:
+            fs = _nibbles(wt)
         if X64:  # bf16 x read 4 at a time as int64 (8 x a word: 2 loads), unpacked by _bf16_of
             for p in tl.static_range(2):
                 xq = _load_ok(x64 + 2 * kw + p, kok, EVEN_K)
@@ -421,7 +458,10 @@ if triton is not None:
                         xj = xj * _bf16_of(gq, h)
                     xs += xj
                     # nibble 4 p + h of a word is weight 8 w + 4 p + h (byte 2 p + h // 2, high nibble first)
-                    a += _mant(wt, 15 + 4 * (h % 2) - 8 * (2 * p + h // 2), 0x780000) * xj[None, :, :]
+                    if NIBBLES:
+                        a += fs[4 * p + h] * xj[None, :, :]
+                    else:
+                        a += _mant(wt, 15 + 4 * (h % 2) - 8 * (2 * p + h // 2), 0x780000) * xj[None, :, :]
         else:
             for j in tl.static_range(8):  # nibble j of a word is weight 8 w + j (byte j // 2, high first)
                 xj = _load_x(x_ptr, 8 * kw + j, K, GATED, EVEN_K)
@@ -429,7 +469,10 @@ if triton is not None:
                     ss += xj * xj
                     xj = xj * _load_ok(g_ptr + 8 * kw + j, kok, EVEN_K).to(tl.float32)
                 xs += xj
-                a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
+                if NIBBLES:
+                    a += fs[j] * xj[None, :, :]
+                else:
+                    a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
         # W = (q - 8) s + z, so a group adds s * sum(q x) + (z - 8 s) * sum(x) = 16 s a + (z - 24 s) xs
         s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG, EVEN_K)
         return acc + a * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :], ss
@@ -457,6 +500,7 @@ if triton is not None:
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the first chunk of weights before the PDL wait
         PIPELINE: tl.constexpr,  # the loop over K software-pipelined by Triton (cp.async), W_STAGES deep
+        NIBBLES: tl.constexpr,  # int4: nibbles to floats by _nibbles (else _mant)
         X_ALIGNED: tl.constexpr,  # x (and g) start at a multiple of 8 bytes: int4 may read bf16 x as int64
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -493,17 +537,17 @@ if triton is not None:
                 for k0 in tl.range(0, K, BLOCK_K, num_stages=W_STAGES):
                     wt = _int4_words(w_ptr, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)
                     acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP,
-                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
+                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K, NIBBLES)  # fmt: skip
             else:  # each chunk loaded into registers, then summed; with PREFETCH chunk 0 before the wait
                 wt = _int4_words(w_ptr, rn, n_ok, rw, KW, EVEN_K)
                 if PREFETCH:
                     _pdl_start(PDL)
                 acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, 0, K, KW, rw, GROUP, NORM,
-                                           GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
+                                           GATED, X_ALIGNED, BLOCK_K, EVEN_K, NIBBLES)  # fmt: skip
                 for k0 in range(BLOCK_K, K, BLOCK_K):
                     wt = _int4_words(w_ptr, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)
                     acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP,
-                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
+                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K, NIBBLES)  # fmt: skip
             y = tl.sum(tl.sum(acc, axis=2), axis=1)
             sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
         else:
@@ -712,7 +756,7 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
         wv = w.view(torch.int32) if quant == INT4 else w  # int4: read as words of 8 (see _gemv_kernel)
         aligned = x.data_ptr() % 8 == 0 and g.data_ptr() % 8 == 0
         _gemv_kernel[grid](x, wv, s, y, g, r, b, n, k, eps, **flags, NORM=norm, GATED=gated, X_ALIGNED=aligned,
-                           PIPELINE=GEMV_PIPELINE, launch_pdl=PDL)  # fmt: skip
+                           PIPELINE=GEMV_PIPELINE, NIBBLES=INT4_NIBBLES, launch_pdl=PDL)  # fmt: skip
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
         if split_allowed(n, k):  # the autotuner may pick a split config: room for its parts, and the counters

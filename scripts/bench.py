@@ -612,6 +612,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the one-token matmul loads its next chunk of weights before summing the current one\n"
         "(kernels.GEMV_PIPELINE); --no-gemv-pipeline for A/B runs",
     )
+    switch(
+        p,
+        "--int4-nibbles",
+        True,
+        "the one-token int4 matmul makes floats of nibbles by byte permutes (kernels.INT4_NIBBLES);\n"
+        "--no-int4-nibbles: a shift and an and-or each, for A/B runs",
+    )
     p.add_argument(
         "--attn-block-t",
         type=int,
@@ -719,6 +726,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         kernels.ATTN_BLOCK_T = a.attn_block_t
     kernels.PREFETCH = a.prefetch
     kernels.GEMV_PIPELINE = a.gemv_pipeline
+    kernels.INT4_NIBBLES = a.int4_nibbles
     QUANT = a.quant
     if not torch.cuda.is_available():
         sys.exit("error: bench.py needs a CUDA GPU")
@@ -730,6 +738,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
         "gemm_min_block_m": kernels.GEMM_MIN_BLOCK_M, "attn_block_t": kernels.ATTN_BLOCK_T,
         "prefetch": kernels.PREFETCH and pdl, "gemv_pipeline": kernels.GEMV_PIPELINE,
+        "int4_nibbles": kernels.INT4_NIBBLES,
         "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
         "draft_quant": a.draft_quant,

@@ -31,7 +31,7 @@ QUANTS = {"bf16": K.NONE, "int8": K.INT8, "int4": K.INT4}
 
 def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: int, stages: int, block_m: int,
                    swap: bool, group: int, arch: int, split: int = 1, masked: bool = False,
-                   words: bool = False, pdl: bool = False, pipeline: bool = True):  # fmt: skip
+                   words: bool = False, pdl: bool = False, pipeline: bool = True, nibbles: bool = True):  # fmt: skip
     """The one-token (_gemv_kernel) or few-token (_gemm_kernel) kernel compiled for sm_<arch>, bf16 activations, no
     fusions; pdl: with the PDL wait and the weight prefetch before it (kernels.PREFETCH), as generate.py runs it;
     pipeline: the one-token kernel loads its next chunk before summing the current one (kernels.GEMV_PIPELINE)."""
@@ -44,8 +44,8 @@ def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: i
     fn = kern.fn.fn  # Autotuner -> Heuristics -> JITFunction
     w_type = {K.NONE: "*bf16", K.INT8: "*i8", K.INT4: "*i32" if tokens == 1 else "*u8"}[q]  # (words: cast inside)
     values = dict(QUANT=q, GROUP=group if q == K.INT4 else 0, NORM=False, RESIDUAL=False, GATED=False, BIAS=False,
-                  PDL=pdl, PREFETCH=pdl, PIPELINE=pipeline, W_STAGES=stages, X_ALIGNED=True, SPLIT=split,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                  PDL=pdl, PREFETCH=pdl, PIPELINE=pipeline, NIBBLES=nibbles, W_STAGES=stages, X_ALIGNED=True,
+                  SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   SWAP=int(swap), EVEN_K=not masked, WORDS=int(words))  # fmt: skip
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
@@ -85,6 +85,21 @@ def instructions(sass: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
             if pending is not None:
                 labels[pending], pending = addr, None
     return code, labels
+
+
+def registers(compiled, arch: int) -> str:
+    """ptxas's report of registers and spills for the kernel (Triton's bundled ptxas, --verbose)."""
+    import triton  # noqa: PLC0415
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        out = subprocess.run([str(ptxas), "--verbose", f"-arch=sm_{arch}a", f.name, "-o", "/dev/null"],
+                             capture_output=True, text=True).stderr  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"
 
 
 def inner_loop(compiled) -> list[str]:
@@ -144,6 +159,7 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--pdl", action="store_true", help="with the PDL wait and the weight prefetch before it")
     p.add_argument("--no-pipeline", action="store_true", help="one-token kernel: no software pipelining of its loop")
+    p.add_argument("--no-nibbles", action="store_true", help="one-token int4: _mant's shift and and-or a nibble")
     p.add_argument("--dump", action="store_true", help="print the whole SASS (where do the loads sit?)")
     p.add_argument("--all", action="store_true", help="only compile every config of both kernels (minutes)")
     a = p.parse_args()
@@ -154,7 +170,8 @@ def main() -> None:
     block_m = a.block_m or (16 if a.tokens <= 16 else 32 if a.tokens <= 32 else 64)
     try:
         compiled = compile_matmul(a.quant, a.tokens, a.block_n, a.block_k, a.warps, a.stages, block_m, a.swap,
-                                  a.group, a.arch, a.split, a.masked, a.words, a.pdl, not a.no_pipeline)  # fmt: skip
+                                  a.group, a.arch, a.split, a.masked, a.words, a.pdl, not a.no_pipeline,
+                                  not a.no_nibbles)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a config that does not compile is an answer, not a crash
         sys.exit(f"error: does not compile: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
     if a.dump:
@@ -167,7 +184,7 @@ def main() -> None:
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split(" ")[0].split(".")[0] for i in body)
     print(f"{a.quant}, {a.tokens} token(s), BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.warps} warps, {a.stages} "
           f"stages{', swapped' if a.swap else ''}: {len(body)} instructions a pass for {per_thread:g} weights a thread "
-          f"= {len(body) / per_thread:.2f} a weight")  # fmt: skip
+          f"= {len(body) / per_thread:.2f} a weight; {registers(compiled, a.arch)}")  # fmt: skip
     print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(12)))
 
 
