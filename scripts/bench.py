@@ -13,6 +13,7 @@ Results go to --out (JSON); BENCHMARKS.md quotes them.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import platform
@@ -199,48 +200,57 @@ def kernel_table(fn, tag: str, steps):
     gpu_busy = sum(e.device_time for e in kernels) / 1e6  # seconds
     head = (f"{tag}: {len(kernels)} kernels in {n} steps/rounds ({len(kernels) / n:.1f} per step/round), "
             f"GPU busy {gpu_busy * 1e3 / n:.3f} ms per step/round (profiler on)")  # fmt: skip
-    table = timeline_table([(e.name, e.time_range.start, e.time_range.end) for e in kernels])
+    runs = [(e.name, e.time_range.start, e.time_range.end) for e in kernels]
+    table = timeline_table(runs)
     table += prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
     table += prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=90)
     path = profile_path(tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head + "\n" + table)
+    with gzip.open(path.with_suffix(".kernels.json.gz"), "wt") as f:  # every kernel run, for other tables later
+        json.dump(runs, f)
     print(head, flush=True)
     return r
 
 
-def timeline_table(kernels: list[tuple[str, float, float]], idle_us: float = 20.0) -> str:
+def timeline_table(kernels: list[tuple[str, float, float]]) -> str:
     """Where a step's GPU time goes, kernel by kernel, from (name, start µs, end µs) of every kernel run.
 
-    Steps (or rounds) are the runs of kernels between idle gaps of over idle_us (the host's sync). Steps with the most
-    common kernel count are lined up by position; each position gets its median duration and the median gap since
-    the previous kernel ended (negative: it started before, as programmatic dependent launch allows). A position's
-    duration then includes any wait for its predecessor. Where the step repeats a block of kernels (the layers), the
-    block is folded: each slot's median over the blocks, then the positions outside the blocks."""
+    A step (or round) is the shortest block of kernels that the later half of the run repeats (98% of names equal one
+    block apart), cut where the gap before a kernel is longest (the host's sync or the graph launch); the GPU need
+    not idle between steps (the host launches ahead). Steps are lined up by position; each position gets its median
+    duration and the median gap since the previous kernel ended (negative: it started before, as programmatic
+    dependent launch allows; its duration then includes the wait for its predecessor). Where the step repeats a block
+    of kernels (the layers), that block is folded: each slot's median over the blocks, then the positions outside."""
     ks = sorted(kernels, key=lambda k: k[1])
-    if len(ks) < 2:
-        return "timeline: too few kernels\n"
-    steps, cur = [], [ks[0]]
-    for a, b in zip(ks, ks[1:], strict=False):
-        if b[1] - a[2] > idle_us:
-            steps.append(cur)
-            cur = []
-        cur.append(b)
-    steps.append(cur)
-    length = statistics.mode(len(s) for s in steps)
-    same = [s for s in steps if len(s) == length]
-    names = [k[0] for k in same[0]]
-    dur = [statistics.median(s[i][2] - s[i][1] for s in same) for i in range(length)]
-    gap = [0.0] + [statistics.median(s[i][1] - s[i - 1][2] for s in same) for i in range(1, length)]
-    span = statistics.median(s[-1][2] - s[0][1] for s in same)
+    n = len(ks)
+    names_all = [k[0] for k in ks]
+
+    def repeats(p: int) -> bool:  # the last max(n / 2, 2 p) kernels: 98% equal to the one p later
+        lo = n - max(n // 2, 2 * p)
+        return sum(names_all[i] == names_all[i + p] for i in range(lo, n - p)) >= 0.98 * (n - p - lo)
+
+    step = next((p for p in range(3, n // 2 + 1) if repeats(p)), 0)
+    half = n - max(n // 2, 2 * step)
+    if not step:
+        return "timeline: no repeating step found\n"
+    gaps = [statistics.median(ks[i][1] - ks[i - 1][2] for i in range(half + o, n, step)) for o in range(step)]
+    start = half + max(range(step), key=lambda o: gaps[o])
+    starts = list(range(start, n - step + 1, step))
+    names = names_all[start : start + step]
+    same = [i for i in starts if names_all[i : i + step] == names]
+    length = step
+    dur = [statistics.median(ks[i + j][2] - ks[i + j][1] for i in same) for j in range(length)]
+    gap = [statistics.median(ks[i + j][1] - ks[i + j - 1][2] for i in same) for j in range(length)]
+    span = statistics.median(ks[i + step - 1][2] - ks[i][1] for i in same)
     # the layer block: the shortest period p that most positions repeat at, searched over blocks of 3-40 kernels
     period, first, count = 0, 0, 0
     for p in range(3, min(41, length // 3 + 1)):
         runs = [i for i in range(length - p) if names[i] == names[i + p]]
         if len(runs) >= length - 3 * p and len(runs) > count * 1.05:
             period, count = p, len(runs)
-    lines = [f"timeline: {len(same)} of {len(steps)} steps/rounds with {length} kernels; median span "
-             f"{span:.1f} us, kernels {sum(dur):.1f} us, gaps {sum(gap):.1f} us"]  # fmt: skip
+    lines = [f"timeline: {len(same)} of {len(starts)} steps/rounds (of the run's later half) with {length} kernels; "
+             f"median span {span:.1f} us, kernels {sum(dur):.1f} us, gaps {sum(gap):.1f} us"]  # fmt: skip
     short = [re.sub(r"^(triton_\w{3}_fused_)", "", n)[:70] for n in names]
     if period:
         first = next(i for i in range(length - period) if names[i : i + period] == names[i + period : i + 2 * period])

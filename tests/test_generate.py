@@ -210,23 +210,26 @@ def test_bench_main_runs_under_inference_mode(monkeypatch):
 
 
 def test_bench_timeline_folds_the_layers(monkeypatch):
-    """bench.py --profile's timeline: steps split at idle gaps, the repeated block of kernels (a layer) found and
-    folded slot by slot, the kernels before and after it listed alone."""
+    """bench.py --profile's timeline: the step found as the block of kernels the run repeats (no idle gap needed:
+    the eighteenth session's first GPU runs split steps at idle gaps of over 20 us, found none and printed nothing
+    useful), cut at its longest gap; the repeated block within it (a layer) folded slot by slot, the kernels before
+    and after it listed alone."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import bench  # noqa: PLC0415
 
     layer = [("gemv", 5.0), ("rope", 1.0), ("attn", 2.0), ("gemv", 3.0)]
-    kernels_run, t = [], 0.0
-    for _ in range(3):  # steps, 100 us apart
+    kernels_run, t = [("prefill", 0.0, 30.0), ("copy", 31.0, 32.0)], 40.0
+    for _ in range(6):  # steps, the next one queued 2 us after the last kernel
         for name, d in [("embed", 1.0)] + layer * 4 + [("argmax", 4.0)]:
             kernels_run.append((name, t, t + d))
             t += d + 0.5
-        t += 100.0
-    text = bench.timeline_table(kernels_run)
-    assert "3 of 3 steps/rounds with 18 kernels" in text and "block of 4 kernels x 4, from position 1" in text
+        t += 1.5
+    text = bench.timeline_table(kernels_run[::-1])  # (any order)
+    assert "3 of 3 steps/rounds (of the run's later half) with 18 kernels" in text
+    assert "block of 4 kernels x 4, from position 1" in text
     rows = [line.split() for line in text.splitlines()]
     assert ["0", "5.00", "0.50", "22.0", "gemv"] in rows and ["2", "2.00", "0.50", "10.0", "attn"] in rows
-    assert ["17", "4.00", "0.50", "argmax"] in rows
+    assert ["17", "4.00", "0.50", "argmax"] in rows and ["0", "1.00", "2.00", "embed"] in rows
 
 
 def test_bench_mt_bench_keys_every_head_and_tree(monkeypatch):
