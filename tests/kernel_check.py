@@ -297,15 +297,20 @@ def check_fused():
     i8 = Q.WeightOnlyInt8Linear(dim, n)
     i8.weight, i8.scales = Q.quantize_int8(torch.randn(n, dim) * 0.05)
     i8.prepare(torch.float32, "triton")
+    i4 = Q.WeightOnlyInt4Linear(dim, n, 32)
+    q4, sz4 = Q.quantize_int4(torch.randn(n, dim) * 0.05, 32)
+    i4.weight, i4.scales_and_zeros = Q.pack_int4(q4), sz4
+    i4.prepare(torch.float32, "triton")
     x, r = torch.randn(1, 1, dim), torch.randn(1, 1, n)
     gu = torch.randn(1, 1, 2 * dim)
-    refs = {id(m): (M.linear(m, x, norm, r), M.linear(m, gu, None, r, gated=True)) for m in (few, i8)}  # plain path
+    mods = (few, i8, i4)
+    refs = {id(m): (M.linear(m, x, norm, r), M.linear(m, gu, None, r, gated=True)) for m in mods}  # plain path
     assert few.fused(x, norm, r) is None
     real, K.available = K.available, lambda x: True
     assert few.fused(x, norm, r) is None and few.fused(x, None, None) is None  # K = 128 < FUSE_MIN_K; no fusion
     min_k, K.FUSE_MIN_K = K.FUSE_MIN_K, 0
     try:
-        for m in (few, i8):
+        for m in mods:
             assert m.fused(x, norm, r) is not None and m.fused(gu, None, r, True) is not None
             assert rel_err(M.linear(m, x, norm, r), refs[id(m)][0]) < 1e-5
             assert rel_err(M.linear(m, gu, None, r, gated=True), refs[id(m)][1]) < 1e-5
