@@ -19,8 +19,14 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   2.6-3.3 TB/s against bf16's ~3.5. int4 is read as 32-bit words of 8 weights, each nibble becomes 1 + q/16 by
   a shift and one and-or into a float's mantissa (`_mant`), the group's scale and zero are applied once per word, and
   bf16 x is read four at a time as int64 (`_bf16_of`): 8.8 -> 6.8 instructions a weight, 1.0-1.7x faster on the 7B
-  shapes, on par with tinygemm except where N = 4096. (Block shapes that give a thread several rows, so that each x
-  converted serves them all, count 4.5, but the autotuner never picked them on the 7B shapes.)
+  shapes, on par with tinygemm except where N = 4096. Since the eighteenth session the nibbles become floats by byte
+  permutes (`_nibbles`, INT4_NIBBLES): 6.7 -> 6.1 a weight, +2.6% on the 7B int4 decode. (Block shapes that give a
+  thread several rows, so that each x converted serves them all, count 3.9-4.1: the int4-only configs,
+  _GEMV_INT4_ONLY; tune_kernels.py picked one of them, for wo only.) The eighteenth session's kernel timeline of the 7B forward (no PDL) shows what binds
+  both quantized formats: each int8 and int4 matmul takes about the same time (wqkv 18.1 vs 18.3 us, w13 27.2 vs
+  30.2), 2.5-3.3 G weights a ms whatever the bytes, while bf16 reads at 3.4-4.2 TB/s. The SASS of the int8 loop:
+  loads at the top, then ~260 instructions that wait on them, 122 registers (4 programs an SM): so a program has
+  nothing in flight while it sums, and four do not cover the memory latency.
 - M > 1 (`_gemm_kernel`): the same walk, but the converted chunk goes through tl.dot against a BLOCK_M-row tile of x
   (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs. Some block shapes swap the
   operands (`_dot`): the weight tile is tl.dot's first operand and the tokens its N. Some split K over several
