@@ -22,11 +22,11 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   shapes, on par with tinygemm except where N = 4096. Since the eighteenth session the nibbles become floats by byte
   permutes (`_nibbles`, INT4_NIBBLES): 6.7 -> 6.1 a weight, +2.6% on the 7B int4 decode. (Block shapes that give a
   thread several rows, so that each x converted serves them all, count 3.9-4.1: the int4-only configs,
-  _GEMV_INT4_ONLY; tune_kernels.py picked one of them, for wo only.) The eighteenth session's kernel timeline of the 7B forward (no PDL) shows what binds
-  both quantized formats: each int8 and int4 matmul takes about the same time (wqkv 18.1 vs 18.3 us, w13 27.2 vs
-  30.2), 2.5-3.3 G weights a ms whatever the bytes, while bf16 reads at 3.4-4.2 TB/s. The SASS of the int8 loop:
-  loads at the top, then ~260 instructions that wait on them, 122 registers (4 programs an SM): so a program has
-  nothing in flight while it sums, and four do not cover the memory latency.
+  _GEMV_INT4_ONLY; tune_kernels.py picked one of them, for wo only.) The eighteenth session's kernel timeline of the
+  7B forward (no PDL) shows what binds both quantized formats: each int8 and int4 matmul takes about the same time
+  (wqkv 18.1 vs 18.3 us, w13 27.2 vs 30.2), 2.5-3.3 G weights a ms whatever the bytes, while bf16 reads at 3.4-4.2
+  TB/s. The SASS of the int8 loop: loads at the top, then ~260 instructions that wait on them, 122 registers (4
+  programs an SM), the same registers as bf16's for half its bytes in flight (see GEMV_FOLD).
 - M > 1 (`_gemm_kernel`): the same walk, but the converted chunk goes through tl.dot against a BLOCK_M-row tile of x
   (M padded up to 16, 32 or 64), so 26 or 64 tokens cost about what one token costs. Some block shapes swap the
   operands (`_dot`): the weight tile is tl.dot's first operand and the tokens its N. Some split K over several
@@ -101,6 +101,11 @@ GEMV_PIPELINE = True
 # The one-token int4 matmul turns nibbles into floats by byte permutes (`_nibbles`, 12 instructions for 8 weights)
 # rather than a shift and an and-or each (`_mant`, 16). bench.py --no-int4-nibbles for A/B runs.
 INT4_NIBBLES = True
+# The one-token bf16 / int8 matmul sums each thread's 16 bytes of a row (8 or 16 products) at every chunk, into
+# BLOCK_N x BLOCK_K / FOLD accumulators, where it otherwise keeps BLOCK_N x BLOCK_K of them to the end: those took
+# about half of its ~120 registers, so 4 programs an SM, with nothing in flight while a program sums (eighteenth
+# session, SASS). Off until timed on a GPU: bench.py --gemv-fold.
+GEMV_FOLD = False
 
 
 def available(x: Tensor) -> bool:
@@ -420,7 +425,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_chunk(acc, ss, w, x_ptr, g_ptr, kk, K, QUANT: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-                    EVEN_K: tl.constexpr):  # fmt: skip
+                    EVEN_K: tl.constexpr, FOLD: tl.constexpr):  # fmt: skip
         """_gemv_kernel (bf16 / int8), one chunk: columns kk, weights w [BLOCK_N, BLOCK_K] as stored. Returns the
         updated (acc, ss): products summed elementwise, and x's squares for the norm."""
         xk = _load_x(x_ptr, kk, K, GATED, EVEN_K)
@@ -431,7 +436,11 @@ if triton is not None:
             wf = _int8_float(w) - 8388736.0  # (masked entries: 0 -> 0 here)
         else:
             wf = w.to(tl.float32)
-        return acc + wf * xk[None, :], ss
+        if FOLD > 1:  # each run of FOLD columns (one thread's 16-byte load) summed now: acc [BLOCK_N, BLOCK_K / FOLD]
+            acc += tl.sum(tl.reshape(wf * xk[None, :], (w.shape[0], w.shape[1] // FOLD, FOLD)), axis=2)
+        else:
+            acc += wf * xk[None, :]
+        return acc, ss
 
     @triton.jit
     def _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP: tl.constexpr,
@@ -507,6 +516,7 @@ if triton is not None:
         PREFETCH: tl.constexpr,  # load the first chunk of weights before the PDL wait
         PIPELINE: tl.constexpr,  # the loop over K software-pipelined by Triton (cp.async), W_STAGES deep
         NIBBLES: tl.constexpr,  # int4: nibbles to floats by _nibbles (else _mant)
+        FOLD: tl.constexpr,  # bf16 / int8: sum each run of FOLD columns per chunk (GEMV_FOLD), 1 = at the end
         X_ALIGNED: tl.constexpr,  # x (and g) start at a multiple of 8 bytes: int4 may read bf16 x as int64
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -558,20 +568,20 @@ if triton is not None:
             sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
         else:
             rk = tl.arange(0, BLOCK_K)
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             if PIPE:
                 for k0 in tl.range(0, K, BLOCK_K, num_stages=W_STAGES):
                     w = _rows_load(w_ptr, rn, n_ok, k0 + rk, K, EVEN_K)
-                    acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, k0 + rk, K, QUANT, NORM, GATED, EVEN_K)
+                    acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, k0 + rk, K, QUANT, NORM, GATED, EVEN_K, FOLD)
             else:  # as for int4
                 w = _rows_load(w_ptr, rn, n_ok, rk, K, EVEN_K)
                 if PREFETCH:
                     _pdl_start(PDL)
-                acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, rk, K, QUANT, NORM, GATED, EVEN_K)
+                acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, rk, K, QUANT, NORM, GATED, EVEN_K, FOLD)
                 for k0 in range(BLOCK_K, K, BLOCK_K):
                     w = _rows_load(w_ptr, rn, n_ok, k0 + rk, K, EVEN_K)
-                    acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, k0 + rk, K, QUANT, NORM, GATED, EVEN_K)
+                    acc, ss = _gemv_chunk(acc, ss, w, x_ptr, g_ptr, k0 + rk, K, QUANT, NORM, GATED, EVEN_K, FOLD)
             y = tl.sum(acc, axis=1)
             sum_sq = tl.sum(ss, axis=0)
         if QUANT == 1:
@@ -762,7 +772,9 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
         wv = w.view(torch.int32) if quant == INT4 else w  # int4: read as words of 8 (see _gemv_kernel)
         aligned = x.data_ptr() % 8 == 0 and g.data_ptr() % 8 == 0
         _gemv_kernel[grid](x, wv, s, y, g, r, b, n, k, eps, **flags, NORM=norm, GATED=gated, X_ALIGNED=aligned,
-                           PIPELINE=GEMV_PIPELINE, NIBBLES=INT4_NIBBLES, launch_pdl=PDL)  # fmt: skip
+                           PIPELINE=GEMV_PIPELINE, NIBBLES=INT4_NIBBLES,
+                           FOLD=16 // w.element_size() if GEMV_FOLD and quant != INT4 else 1,
+                           launch_pdl=PDL)  # fmt: skip
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
         if split_allowed(n, k):  # the autotuner may pick a split config: room for its parts, and the counters

@@ -624,6 +624,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     switch(
         p,
+        "--gemv-fold",
+        kernels.GEMV_FOLD,
+        "the one-token bf16/int8 matmul sums each thread's 16 bytes of a row at every chunk (kernels.GEMV_FOLD:\n"
+        "about half the registers, so more programs an SM; not yet timed, so off by default)",
+    )
+    switch(
+        p,
         "--int4-nibbles",
         True,
         "the one-token int4 matmul makes floats of nibbles by byte permutes (kernels.INT4_NIBBLES);\n"
@@ -737,6 +744,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
     kernels.PREFETCH = a.prefetch
     kernels.GEMV_PIPELINE = a.gemv_pipeline
     kernels.INT4_NIBBLES = a.int4_nibbles
+    kernels.GEMV_FOLD = a.gemv_fold
     QUANT = a.quant
     if not torch.cuda.is_available():
         sys.exit("error: bench.py needs a CUDA GPU")
@@ -748,7 +756,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
         "gemm_min_block_m": kernels.GEMM_MIN_BLOCK_M, "attn_block_t": kernels.ATTN_BLOCK_T,
         "prefetch": kernels.PREFETCH and pdl, "gemv_pipeline": kernels.GEMV_PIPELINE,
-        "int4_nibbles": kernels.INT4_NIBBLES,
+        "int4_nibbles": kernels.INT4_NIBBLES, "gemv_fold": kernels.GEMV_FOLD,
         "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
         "draft_quant": a.draft_quant,

@@ -156,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "keep the autotuner's picks); the JSON is written after each phase in any case")  # fmt: skip
     p.add_argument("--configs-in", default=None, metavar="JSON", help="start from these picks (a JSON of this script\n"
                    "or of bench.py) instead of the autotuner's")  # fmt: skip
+    p.add_argument("--gemv-fold", action="store_true", help="tune with kernels.GEMV_FOLD on (as bench.py --gemv-fold;\n"
+                   "the picks then suit runs with it on)")  # fmt: skip
     p.add_argument(
         "--out", required=True, help="JSON to write (for generate.py --kernel-configs, bench.py --configs-in)"
     )
@@ -191,6 +193,7 @@ def main(argv=None) -> None:
     bench.KERNEL = "triton" if a.quant and a.quant["mode"] == "int4" else "auto"  # int4: tinygemm has no picks
     bench.G.set_kernels(bench.KERNEL)
     kernels.set_pdl(True)
+    kernels.GEMV_FOLD = a.gemv_fold
     bench.G.set_inductor_flags()
     if a.configs_in:
         try:
@@ -203,7 +206,8 @@ def main(argv=None) -> None:
     res: dict = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": kernels.triton.__version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "model": a.model, "quant": a.quant,
-        "kernel": bench.KERNEL, "command": " ".join(sys.argv), "forward_seconds": {}, "start_configs": [],
+        "kernel": bench.KERNEL, "gemv_fold": a.gemv_fold, "command": " ".join(sys.argv), "forward_seconds": {},
+        "start_configs": [],
     }  # fmt: skip
     t0 = time.perf_counter()
     a.deadline = t0 + a.max_seconds if a.max_seconds else float("inf")

@@ -93,14 +93,17 @@ def check_all_configs():
                     assert len(pruned) == 1 and (quant != K.INT4 or pruned[0].kwargs["BLOCK_K"] % g == 0)
                     kern.configs, kern.cache = pruned, {}
                     w, s, ref_w = weights(quant, n, k, g)
-                    for m, pipeline in itertools.product(ms, (True, False) if kern is K._gemv_kernel else (True,)):
-                        K.GEMV_PIPELINE = pipeline
+                    variants = (
+                        ((True, False), (False, False), (True, True)) if kern is K._gemv_kernel else ((True, False),)
+                    )
+                    for m, (pipeline, fold) in itertools.product(ms, variants):
+                        K.GEMV_PIPELINE, K.GEMV_FOLD = pipeline, fold
                         x = torch.randn(m, k)
                         y = K.wmm(x, w, s, quant, g)
                         err = rel_err(y, x @ ref_w.T)
-                        assert y.shape == (m, n) and err < 1e-5, (cfg, quant, k, m, pipeline, err)
+                        assert y.shape == (m, n) and err < 1e-5, (cfg, quant, k, m, pipeline, fold, err)
         finally:
-            kern.configs, kern.cache, K.GEMV_PIPELINE = configs, {}, True
+            kern.configs, kern.cache, K.GEMV_PIPELINE, K.GEMV_FOLD = configs, {}, True, False
     assert not K._COUNTERS[torch.device("cpu")].any()  # every split config left its counters at zero
     print("configs ok")
 
@@ -270,11 +273,13 @@ def check_fused():
                         ):
                             if m > 1 and (gg is not None or gt):
                                 continue  # the norm and the gating: one token only
-                            y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, rr, gt, bb)
-                            err = rel_err(y, ref)
-                            assert err < 1e-5, (cfg, quant, k, m, gg is None, rr is None, gt, bb is None, err)
+                            for fold in (False, True) if kern is K._gemv_kernel else (False,):  # (GEMV_FOLD)
+                                K.GEMV_FOLD = fold
+                                y = K.wmm(xx, w, s, quant, gs, gg, 1e-5, rr, gt, bb)
+                                err = rel_err(y, ref)
+                                assert err < 1e-5, (cfg, quant, k, m, gg is None, rr is None, gt, bb is None, fold, err)
         finally:
-            kern.configs, kern.cache = configs, {}
+            kern.configs, kern.cache, K.GEMV_FOLD = configs, {}, False
     w4, s4, _ = weights(K.INT4, 8, 64, 32)
     assert_rejected(
         [

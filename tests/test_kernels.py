@@ -89,6 +89,24 @@ def test_one_token_loop_streams_its_chunks_through_shared_memory():
         assert "LDGSTS" not in one and "LDG.E" in one, quant
 
 
+def test_gemv_fold_halves_the_one_token_registers():
+    """kernels.GEMV_FOLD: summing each thread's 16 bytes of a row at every chunk leaves BLOCK_N x BLOCK_K / FOLD
+    accumulators, not BLOCK_N x BLOCK_K: the eighteenth session's picks for the 7B shape, (8, 1024, 4 warps, 1 stage),
+    went from ~120 registers (4 programs an SM) to ~50 (Triton 3.6 for sm_90), for the same instructions a weight."""
+    scripts = Path(__file__).parent.parent / "scripts"
+    sys.path.insert(0, str(scripts))
+    import kernel_sass  # noqa: PLC0415
+
+    for quant, fold in (("bf16", 8), ("int8", 16)):
+        regs, count = {}, {}
+        for f in (1, fold):
+            c = kernel_sass.compile_matmul(quant, 1, 8, 1024, 4, 1, 16, False, 0, 90, fold=f)
+            regs[f] = int(kernel_sass.registers(c, 90).split()[0])
+            count[f] = len(kernel_sass.inner_loop(c))
+        assert regs[fold] < 0.6 * regs[1], (quant, regs)
+        assert count[fold] < 1.1 * count[1], (quant, count)
+
+
 def test_autotuner_picks_persist_across_processes():
     """kernels.py asks Triton (>= 3.4) to keep the autotuner's picks on disk, which it stores as JSON of each config's
     fields and reads back as triton.Config(**fields): every config must survive that round trip."""

@@ -276,11 +276,11 @@ def test_triton_matmuls_cuda(quant):
 def test_every_one_token_config_cuda():
     """Every block shape of the one-token matmul compiled for the GPU, its loop over K software-pipelined
     (kernels.GEMV_PIPELINE, cp.async: code the interpreter does not run) and not, over several chunks, the last one
-    masked or not, for bf16, int8 and int4 weights (int4 nibbles by byte permutes and by shifts, kernels.INT4_NIBBLES),
-    against the dequantized reference."""
+    masked or not, for bf16, int8 and int4 weights (int4 nibbles by byte permutes and by shifts, kernels.INT4_NIBBLES;
+    bf16 and int8 with and without kernels.GEMV_FOLD), against the dequantized reference."""
     torch.manual_seed(9)
     kern, configs, pipeline = kernels._gemv_kernel, kernels._gemv_kernel.configs, kernels.GEMV_PIPELINE
-    nibbles_default = kernels.INT4_NIBBLES
+    nibbles_default, fold_default = kernels.INT4_NIBBLES, kernels.GEMV_FOLD
     try:
         for cfg in configs:
             bk = cfg.kwargs["BLOCK_K"]
@@ -305,18 +305,19 @@ def test_every_one_token_config_cuda():
                     assert quant != kernels.INT4 and shape in kernels._GEMV_INT4_ONLY, (cfg, quant)
                     continue
                 x = torch.randn(1, k)
-                for on, nibbles in (
-                    ((True, True), (False, True), (True, False))
+                for on, nibbles, fold in (
+                    ((True, True, False), (False, True, False), (True, False, False))
                     if quant == kernels.INT4
-                    else ((True, True), (False, True))
+                    else ((True, True, False), (False, True, False), (True, True, True), (False, True, True))
                 ):
                     kern.configs, kern.cache = pruned, {}
-                    kernels.GEMV_PIPELINE, kernels.INT4_NIBBLES = on, nibbles
+                    kernels.GEMV_PIPELINE, kernels.INT4_NIBBLES, kernels.GEMV_FOLD = on, nibbles, fold
                     y = kernels.wmm(x.to("cuda", torch.bfloat16), *args)
                     err = rel_err(y.float().cpu(), x.bfloat16().float() @ ref_w.T)
-                    assert err < 2e-2, (cfg, quant, k, on, nibbles, err)
+                    assert err < 2e-2, (cfg, quant, k, on, nibbles, fold, err)
     finally:
-        kern.configs, kern.cache, kernels.GEMV_PIPELINE, kernels.INT4_NIBBLES = configs, {}, pipeline, nibbles_default
+        kern.configs, kern.cache = configs, {}
+        kernels.GEMV_PIPELINE, kernels.INT4_NIBBLES, kernels.GEMV_FOLD = pipeline, nibbles_default, fold_default
 
 
 @pytest.mark.parametrize(
