@@ -20,11 +20,11 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   a shift and one and-or into a float's mantissa (`_mant`), the group's scale and zero are applied once per word, and
   bf16 x is read four at a time as int64 (`_bf16_of`): 8.8 -> 6.8 instructions a weight, 1.0-1.7x faster on the 7B
   shapes, on par with tinygemm except where N = 4096. Since the eighteenth session the nibbles become floats by byte
-  permutes (`_nibbles`, INT4_NIBBLES): 6.7 -> 6.1 a weight, +2.6% on the 7B int4 decode. (Block shapes that give a
-  thread several rows, so that each x converted serves them all, count 3.9-4.1: the int4-only configs,
+  permutes (`_nibbles`, INT4_NIBBLES): 6.7-6.8 -> 6.2-6.3 a weight, +2.6% on the 7B int4 decode. (Block shapes that
+  give a thread several rows, so that each x converted serves them all, count 3.9-4.1: the int4-only configs,
   _GEMV_INT4_ONLY; tune_kernels.py picked one of them, for wo only.) The eighteenth session's kernel timeline of the
   7B forward (no PDL) shows what binds both quantized formats: each int8 and int4 matmul takes about the same time
-  (wqkv 18.1 vs 18.3 us, w13 27.2 vs 30.2), 2.5-3.3 G weights a ms whatever the bytes, while bf16 reads at 3.4-4.2
+  (wqkv 18.1 vs 18.3 us, w13 27.2 vs 30.2), 2.3-3.8 G weights a ms whatever the bytes, while bf16 reads at 3.4-4.4
   TB/s. The SASS of the int8 loop: loads at the top, then ~260 instructions that wait on them, 122 registers (4
   programs an SM), the same registers as bf16's for half its bytes in flight (see GEMV_FOLD).
 - M > 1 (`_gemm_kernel`): the same walk, but the converted chunk goes through tl.dot against a BLOCK_M-row tile of x
