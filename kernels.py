@@ -20,7 +20,7 @@ bound by memory bandwidth, and what matters is reading the weight at full speed 
   a shift and one and-or into a float's mantissa (`_mant`), the group's scale and zero are applied once per word, and
   bf16 x is read four at a time as int64 (`_bf16_of`): 8.8 -> 6.8 instructions a weight, 1.0-1.7x faster on the 7B
   shapes, on par with tinygemm except where N = 4096. Since the eighteenth session the nibbles become floats by byte
-  permutes (`_nibbles`, INT4_NIBBLES): 6.7-6.8 -> 6.2-6.3 a weight, +2.6% on the 7B int4 decode. (Block shapes that
+  permutes (`_nibbles`): 6.7-6.8 -> 6.2-6.3 a weight, +2.6% on the 7B int4 decode. (Block shapes that
   give a thread several rows, so that each x converted serves them all, count 3.9-4.1: the int4-only configs,
   _GEMV_INT4_ONLY; tune_kernels.py picked one of them, for wo only.) The eighteenth session's kernel timeline of the
   7B forward (no PDL) shows what binds both quantized formats: each int8 and int4 matmul takes about the same time
@@ -98,9 +98,6 @@ PREFETCH = True
 # --no-gemv-pipeline turns it off for A/B runs. Configs of one stage keep the plain loop either way, so the autotuner
 # chooses per shape.
 GEMV_PIPELINE = True
-# The one-token int4 matmul turns nibbles into floats by byte permutes (`_nibbles`, 12 instructions for 8 weights)
-# rather than a shift and an and-or each (`_mant`, 16). bench.py --no-int4-nibbles for A/B runs.
-INT4_NIBBLES = True
 # The one-token bf16 / int8 matmul sums each thread's 16 bytes of a row (8 or 16 products) at every chunk, into
 # BLOCK_N x BLOCK_K / FOLD accumulators, where it otherwise keeps BLOCK_N x BLOCK_K of them to the end: those took
 # about half of its ~120 registers, so 4 programs an SM, with nothing in flight while a program sums (eighteenth
@@ -135,12 +132,16 @@ if triton is not None:
                 continue
             if c.kwargs.get("WORDS") and (kwargs.get("QUANT") != INT4 or bk < 128):  # int4, dots of >= 16 words
                 continue
-            gemv = (bn, c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) if "W_STAGES" in c.kwargs else None
-            if gemv in _GEMV_INT4_ONLY and kwargs.get("QUANT") != INT4:
+            if _int4_only(c) and kwargs.get("QUANT") != INT4:
                 continue
             cfg = triton.Config({**c.kwargs, "BLOCK_K": bk}, num_warps=c.num_warps, num_stages=c.num_stages)
             fitted.setdefault((bn, bk, c.kwargs.get("SWAP"), split, c.num_warps, c.num_stages), cfg)
         return list(fitted.values())
+
+    def _int4_only(c) -> bool:
+        """Whether c is one of the one-token kernel's configs for int4 weights only (_GEMV_INT4_ONLY)."""
+        kw = c.kwargs
+        return "W_STAGES" in kw and (kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages) in _GEMV_INT4_ONLY
 
     _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}  # no mask on K where BLOCK_K divides it
 
@@ -445,7 +446,7 @@ if triton is not None:
     @triton.jit
     def _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP: tl.constexpr,
                          NORM: tl.constexpr, GATED: tl.constexpr, X_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr, NIBBLES: tl.constexpr):  # fmt: skip
+                         EVEN_K: tl.constexpr):  # fmt: skip
         """_gemv_kernel (int4), one chunk from column k0: words wt [BLOCK_N, NG, WG]. Returns the updated (acc, ss)."""
         NG: tl.constexpr = BLOCK_K // GROUP
         WG: tl.constexpr = GROUP // 8
@@ -455,8 +456,7 @@ if triton is not None:
         kok = kw < KW  # (the last chunk may hold groups past K: weights, scales and x read as 0 there)
         a = tl.zeros((wt.shape[0], NG, WG), dtype=tl.float32)  # sum of (1 + q / 16) x over each word
         xs = tl.zeros((NG, WG), dtype=tl.float32)  # sum of x over each word
-        if NIBBLES:
-            fs = _nibbles(wt)
+        fs = _nibbles(wt)  # 1 + q / 16, as _mant's (the eighteenth session: same outputs, +2.6% on the 7B shape)
         if X64:  # bf16 x read 4 at a time as int64 (8 x a word: 2 loads), unpacked by _bf16_of
             for p in tl.static_range(2):
                 xq = _load_ok(x64 + 2 * kw + p, kok, EVEN_K)
@@ -473,10 +473,7 @@ if triton is not None:
                         xj = xj * _bf16_of(gq, h)
                     xs += xj
                     # nibble 4 p + h of a word is weight 8 w + 4 p + h (byte 2 p + h // 2, high nibble first)
-                    if NIBBLES:
-                        a += fs[4 * p + h] * xj[None, :, :]
-                    else:
-                        a += _mant(wt, 15 + 4 * (h % 2) - 8 * (2 * p + h // 2), 0x780000) * xj[None, :, :]
+                    a += fs[4 * p + h] * xj[None, :, :]
         else:
             for j in tl.static_range(8):  # nibble j of a word is weight 8 w + j (byte j // 2, high first)
                 xj = _load_x(x_ptr, 8 * kw + j, K, GATED, EVEN_K)
@@ -484,10 +481,7 @@ if triton is not None:
                     ss += xj * xj
                     xj = xj * _load_ok(g_ptr + 8 * kw + j, kok, EVEN_K).to(tl.float32)
                 xs += xj
-                if NIBBLES:
-                    a += fs[j] * xj[None, :, :]
-                else:
-                    a += _mant(wt, 15 + 4 * (j % 2) - 8 * (j // 2), 0x780000) * xj[None, :, :]
+                a += fs[j] * xj[None, :, :]
         # W = (q - 8) s + z, so a group adds s * sum(q x) + (z - 8 s) * sum(x) = 16 s a + (z - 24 s) xs
         s, z = _int4_scales(s_ptr, rn, n_ok, k0, K, GROUP, NG, EVEN_K)
         return acc + a * (16.0 * s) + (z - 24.0 * s) * xs[None, :, :], ss
@@ -515,7 +509,6 @@ if triton is not None:
         PDL: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the first chunk of weights before the PDL wait
         PIPELINE: tl.constexpr,  # the loop over K software-pipelined by Triton (cp.async), W_STAGES deep
-        NIBBLES: tl.constexpr,  # int4: nibbles to floats by _nibbles (else _mant)
         FOLD: tl.constexpr,  # bf16 / int8: sum each run of FOLD columns per chunk (GEMV_FOLD), 1 = at the end
         X_ALIGNED: tl.constexpr,  # x (and g) start at a multiple of 8 bytes: int4 may read bf16 x as int64
         BLOCK_N: tl.constexpr,
@@ -553,17 +546,17 @@ if triton is not None:
                 for k0 in tl.range(0, K, BLOCK_K, num_stages=W_STAGES):
                     wt = _int4_words(w_ptr, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)
                     acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP,
-                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K, NIBBLES)  # fmt: skip
+                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
             else:  # each chunk loaded into registers, then summed; with PREFETCH chunk 0 before the wait
                 wt = _int4_words(w_ptr, rn, n_ok, rw, KW, EVEN_K)
                 if PREFETCH:
                     _pdl_start(PDL)
                 acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, 0, K, KW, rw, GROUP, NORM,
-                                           GATED, X_ALIGNED, BLOCK_K, EVEN_K, NIBBLES)  # fmt: skip
+                                           GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
                 for k0 in range(BLOCK_K, K, BLOCK_K):
                     wt = _int4_words(w_ptr, rn, n_ok, k0 // 8 + rw, KW, EVEN_K)
                     acc, ss = _gemv_int4_chunk(acc, ss, wt, x_ptr, s_ptr, g_ptr, rn, n_ok, k0, K, KW, rw, GROUP,
-                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K, NIBBLES)  # fmt: skip
+                                               NORM, GATED, X_ALIGNED, BLOCK_K, EVEN_K)  # fmt: skip
             y = tl.sum(tl.sum(acc, axis=2), axis=1)
             sum_sq = tl.sum(tl.sum(ss, axis=1), axis=0)
         else:
@@ -772,7 +765,7 @@ def wmm(x: Tensor, w: Tensor, s: Tensor | None, quant: int, group: int, g: Tenso
         wv = w.view(torch.int32) if quant == INT4 else w  # int4: read as words of 8 (see _gemv_kernel)
         aligned = x.data_ptr() % 8 == 0 and g.data_ptr() % 8 == 0
         _gemv_kernel[grid](x, wv, s, y, g, r, b, n, k, eps, **flags, NORM=norm, GATED=gated, X_ALIGNED=aligned,
-                           PIPELINE=GEMV_PIPELINE, NIBBLES=INT4_NIBBLES,
+                           PIPELINE=GEMV_PIPELINE,
                            FOLD=16 // w.element_size() if GEMV_FOLD and quant != INT4 else 1,
                            launch_pdl=PDL)  # fmt: skip
     else:

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import generate as G  # noqa: E402
 import kernels  # noqa: E402
 import model as M  # noqa: E402
+import quantize  # noqa: E402
 import tree as T  # noqa: E402
 from draft import EagleHead, apply_draft_vocab, head_tree, load_head  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -70,8 +71,6 @@ DRAFT_QUANT = "none"  # --draft-quant int8: the EAGLE head's linears as int8 wei
 
 def quantize_head(head: EagleHead) -> None:
     if DRAFT_QUANT == "int8":
-        import quantize  # noqa: PLC0415
-
         print(f"--draft-quant int8: {quantize.quantize_linears_int8(head, torch.bfloat16)} head linears", flush=True)
 
 
@@ -95,8 +94,6 @@ def random_model(name: str, dtype=torch.bfloat16) -> M.Transformer:
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
     if QUANT:  # quantize in memory, exactly as quantize.py + load_model would
-        import quantize  # noqa: PLC0415
-
         sd, _ = quantize.quantize_state_dict(model.state_dict(), args, QUANT, device="cuda", progress=False)
         with torch.device("meta"):
             model = M.Transformer(args)
@@ -230,28 +227,27 @@ def timeline_table(kernels: list[tuple[str, float, float]]) -> str:
         lo = n - max(n // 2, 2 * p)
         return sum(names_all[i] == names_all[i + p] for i in range(lo, n - p)) >= 0.98 * (n - p - lo)
 
-    step = next((p for p in range(3, n // 2 + 1) if repeats(p)), 0)
-    half = n - max(n // 2, 2 * step)
-    if not step:
+    length = next((p for p in range(3, n // 2 + 1) if repeats(p)), 0)  # kernels a step
+    if not length:
         return "timeline: no repeating step found\n"
-    gaps = [statistics.median(ks[i][1] - ks[i - 1][2] for i in range(half + o, n, step)) for o in range(step)]
-    start = half + max(range(step), key=lambda o: gaps[o])
-    starts = list(range(start, n - step + 1, step))
-    names = names_all[start : start + step]
-    same = [i for i in starts if names_all[i : i + step] == names]
-    length = step
+    lo = n - max(n // 2, 2 * length)
+    gaps = [statistics.median(ks[i][1] - ks[i - 1][2] for i in range(lo + o, n, length)) for o in range(length)]
+    start = lo + max(range(length), key=lambda o: gaps[o])
+    starts = list(range(start, n - length + 1, length))
+    names = names_all[start : start + length]
+    same = [i for i in starts if names_all[i : i + length] == names]
     dur = [statistics.median(ks[i + j][2] - ks[i + j][1] for i in same) for j in range(length)]
     gap = [statistics.median(ks[i + j][1] - ks[i + j - 1][2] for i in same) for j in range(length)]
-    span = statistics.median(ks[i + step - 1][2] - ks[i][1] for i in same)
+    span = statistics.median(ks[i + length - 1][2] - ks[i][1] for i in same)
     # the layer block: the shortest period p that most positions repeat at, searched over blocks of 3-40 kernels
-    period, first, count = 0, 0, 0
+    period, count = 0, 0
     for p in range(3, min(41, length // 3 + 1)):
         runs = [i for i in range(length - p) if names[i] == names[i + p]]
         if len(runs) >= length - 3 * p and len(runs) > count * 1.05:
             period, count = p, len(runs)
     lines = [f"timeline: {len(same)} of {len(starts)} steps/rounds (of the run's later half) with {length} kernels; "
              f"median span {span:.1f} us, kernels {sum(dur):.1f} us, gaps {sum(gap):.1f} us"]  # fmt: skip
-    short = [re.sub(r"^(triton_\w{3}_fused_)", "", n)[:70] for n in names]
+    short = [re.sub(r"^(triton_\w{3}_fused_)", "", name)[:70] for name in names]
     if period:
         first = next(i for i in range(length - period) if names[i : i + period] == names[i + period : i + 2 * period])
         blocks = 1
@@ -309,7 +305,6 @@ def linear_variants(n: int, k: int) -> dict:
     import torch.nn.functional as F  # noqa: PLC0415
 
     import kernels  # noqa: PLC0415
-    import quantize  # noqa: PLC0415
 
     w = torch.randn(n, k, device="cuda") * 0.02
     wb = w.to(torch.bfloat16)
@@ -629,13 +624,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the one-token bf16/int8 matmul sums each thread's 16 bytes of a row at every chunk (kernels.GEMV_FOLD:\n"
         "about half the registers, so more programs an SM; not yet timed, so off by default)",
     )
-    switch(
-        p,
-        "--int4-nibbles",
-        True,
-        "the one-token int4 matmul makes floats of nibbles by byte permutes (kernels.INT4_NIBBLES);\n"
-        "--no-int4-nibbles: a shift and an and-or each, for A/B runs",
-    )
     p.add_argument(
         "--attn-block-t",
         type=int,
@@ -703,8 +691,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a = p.parse_args(argv)
     if a.quant:
-        import quantize  # noqa: PLC0415
-
         try:
             a.quant_spec, a.quant = a.quant, quantize.parse_spec(a.quant)  # the spec names the result keys
         except quantize.CheckpointError as e:
@@ -743,7 +729,6 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         kernels.ATTN_BLOCK_T = a.attn_block_t
     kernels.PREFETCH = a.prefetch
     kernels.GEMV_PIPELINE = a.gemv_pipeline
-    kernels.INT4_NIBBLES = a.int4_nibbles
     kernels.GEMV_FOLD = a.gemv_fold
     QUANT = a.quant
     if not torch.cuda.is_available():
@@ -756,7 +741,7 @@ def run(a: argparse.Namespace) -> None:  # (under main's inference mode)
         "copy_gb_per_s": copy_bandwidth() / 1e9, "fuse_min_k": kernels.FUSE_MIN_K,
         "gemm_min_block_m": kernels.GEMM_MIN_BLOCK_M, "attn_block_t": kernels.ATTN_BLOCK_T,
         "prefetch": kernels.PREFETCH and pdl, "gemv_pipeline": kernels.GEMV_PIPELINE,
-        "int4_nibbles": kernels.INT4_NIBBLES, "gemv_fold": kernels.GEMV_FOLD,
+        "gemv_fold": kernels.GEMV_FOLD,
         "triton_topk": kernels.TRITON_TOPK,
         "pdl": pdl, "kernel": a.kernel, "triton_attention": kernels.FEW_ATTENTION, "pinned_configs": pinned,
         "draft_quant": a.draft_quant,

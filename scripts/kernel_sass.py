@@ -31,7 +31,7 @@ QUANTS = {"bf16": K.NONE, "int8": K.INT8, "int4": K.INT4}
 
 def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: int, stages: int, block_m: int,
                    swap: bool, group: int, arch: int, split: int = 1, masked: bool = False,
-                   words: bool = False, pdl: bool = False, pipeline: bool = True, nibbles: bool = True,
+                   words: bool = False, pdl: bool = False, pipeline: bool = True,
                    fold: int = 1):  # fmt: skip
     """The one-token (_gemv_kernel) or few-token (_gemm_kernel) kernel compiled for sm_<arch>, bf16 activations, no
     fusions; pdl: with the PDL wait and the weight prefetch before it (kernels.PREFETCH), as generate.py runs it;
@@ -45,7 +45,7 @@ def compile_matmul(quant: str, tokens: int, block_n: int, block_k: int, warps: i
     fn = kern.fn.fn  # Autotuner -> Heuristics -> JITFunction
     w_type = {K.NONE: "*bf16", K.INT8: "*i8", K.INT4: "*i32" if tokens == 1 else "*u8"}[q]  # (words: cast inside)
     values = dict(QUANT=q, GROUP=group if q == K.INT4 else 0, NORM=False, RESIDUAL=False, GATED=False, BIAS=False,
-                  PDL=pdl, PREFETCH=pdl, PIPELINE=pipeline, NIBBLES=nibbles, FOLD=fold, W_STAGES=stages, X_ALIGNED=True,
+                  PDL=pdl, PREFETCH=pdl, PIPELINE=pipeline, FOLD=fold, W_STAGES=stages, X_ALIGNED=True,
                   SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   SWAP=int(swap), EVEN_K=not masked, WORDS=int(words))  # fmt: skip
     signature, constexprs, attrs = {}, {}, {}
@@ -160,7 +160,6 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--pdl", action="store_true", help="with the PDL wait and the weight prefetch before it")
     p.add_argument("--no-pipeline", action="store_true", help="one-token kernel: no software pipelining of its loop")
-    p.add_argument("--no-nibbles", action="store_true", help="one-token int4: _mant's shift and and-or a nibble")
     p.add_argument(
         "--fold", action="store_true", help="one-token bf16 / int8: sum each 16-byte run per chunk (GEMV_FOLD)"
     )
@@ -176,7 +175,7 @@ def main() -> None:
     try:
         compiled = compile_matmul(a.quant, a.tokens, a.block_n, a.block_k, a.warps, a.stages, block_m, a.swap,
                                   a.group, a.arch, a.split, a.masked, a.words, a.pdl, not a.no_pipeline,
-                                  not a.no_nibbles, fold)  # fmt: skip
+                                  fold)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a config that does not compile is an answer, not a crash
         sys.exit(f"error: does not compile: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
     if a.dump:

@@ -82,8 +82,7 @@ def check_all_configs():
                          (K.INT4, bk + 64))  # fmt: skip
                 if cfg.kwargs.get("SPLIT", 1) > 1:  # long rows only (kernels.split_allowed); parts of several chunks
                     cases = ((K.NONE, K.SPLIT_MIN_K), (K.INT8, K.SPLIT_MIN_K + 16), (K.INT4, K.SPLIT_MIN_K + 64))
-                gemv = (cfg.kwargs["BLOCK_N"], bk, cfg.num_warps, cfg.num_stages) if "W_STAGES" in cfg.kwargs else None
-                if cfg.kwargs.get("WORDS") or gemv in K._GEMV_INT4_ONLY:  # int4 only
+                if cfg.kwargs.get("WORDS") or K._int4_only(cfg):  # int4 only
                     cases = tuple(c for c in cases if c[0] == K.INT4)
                 for quant, k in cases:
                     # n = 40 or 100: not a multiple of BLOCK_N. K not a multiple of BLOCK_K: the last chunk is masked

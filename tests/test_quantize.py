@@ -1,6 +1,7 @@
 """quantize.py (int8 / int4 weight-only quantization) and scripts/perplexity.py, on CPU."""
 
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -276,11 +277,11 @@ def test_triton_matmuls_cuda(quant):
 def test_every_one_token_config_cuda():
     """Every block shape of the one-token matmul compiled for the GPU, its loop over K software-pipelined
     (kernels.GEMV_PIPELINE, cp.async: code the interpreter does not run) and not, over several chunks, the last one
-    masked or not, for bf16, int8 and int4 weights (int4 nibbles by byte permutes and by shifts, kernels.INT4_NIBBLES;
-    bf16 and int8 with and without kernels.GEMV_FOLD), against the dequantized reference."""
+    masked or not, for bf16, int8 and int4 weights (bf16 and int8 with and
+    without kernels.GEMV_FOLD), against the dequantized reference."""
     torch.manual_seed(9)
     kern, configs, pipeline = kernels._gemv_kernel, kernels._gemv_kernel.configs, kernels.GEMV_PIPELINE
-    nibbles_default, fold_default = kernels.INT4_NIBBLES, kernels.GEMV_FOLD
+    fold_default = kernels.GEMV_FOLD
     try:
         for cfg in configs:
             bk = cfg.kwargs["BLOCK_K"]
@@ -300,24 +301,19 @@ def test_every_one_token_config_cuda():
                         Q.dequantize_int4(packed, sz, g),
                     )
                 pruned = kernels._prune([cfg], {"K": k, "N": n}, QUANT=quant, GROUP=g if quant == kernels.INT4 else 0)
-                shape = (cfg.kwargs["BLOCK_N"], bk, cfg.num_warps, cfg.num_stages)
                 if not pruned:  # configs for int4 only (the GPU run of the eighteenth session: an empty config list)
-                    assert quant != kernels.INT4 and shape in kernels._GEMV_INT4_ONLY, (cfg, quant)
+                    assert quant != kernels.INT4 and kernels._int4_only(cfg), (cfg, quant)
                     continue
                 x = torch.randn(1, k)
-                for on, nibbles, fold in (
-                    ((True, True, False), (False, True, False), (True, False, False))
-                    if quant == kernels.INT4
-                    else ((True, True, False), (False, True, False), (True, True, True), (False, True, True))
-                ):
+                for on, fold in itertools.product((True, False), (False, True) if quant != kernels.INT4 else (False,)):
                     kern.configs, kern.cache = pruned, {}
-                    kernels.GEMV_PIPELINE, kernels.INT4_NIBBLES, kernels.GEMV_FOLD = on, nibbles, fold
+                    kernels.GEMV_PIPELINE, kernels.GEMV_FOLD = on, fold
                     y = kernels.wmm(x.to("cuda", torch.bfloat16), *args)
                     err = rel_err(y.float().cpu(), x.bfloat16().float() @ ref_w.T)
-                    assert err < 2e-2, (cfg, quant, k, on, nibbles, fold, err)
+                    assert err < 2e-2, (cfg, quant, k, on, fold, err)
     finally:
         kern.configs, kern.cache = configs, {}
-        kernels.GEMV_PIPELINE, kernels.INT4_NIBBLES, kernels.GEMV_FOLD = pipeline, nibbles_default, fold_default
+        kernels.GEMV_PIPELINE, kernels.GEMV_FOLD = pipeline, fold_default
 
 
 @pytest.mark.parametrize(
